@@ -1,0 +1,76 @@
+"""The one place that imports ONNX Runtime's training API, without pulling in torch.
+
+`import onnxruntime.training.api` runs `onnxruntime/training/__init__.py`, which imports `optim`
+and through it torch (measured with onnxruntime-training-cpu 1.19.2). The `api` subpackage itself
+needs no torch. So before importing it we register a bare module object for
+`onnxruntime.training` whose `__path__` points at the installed folder: Python then resolves
+`onnxruntime.training.api` from that folder without executing the package `__init__`.
+
+If the real `onnxruntime.training` package is already imported (the export side, where torch is
+present), it is used as is. Everything else in the project gets ORT objects from here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+
+
+class TrainingRuntimeMissing(ImportError):
+    """The installed onnxruntime has no training API (plain `onnxruntime` instead of the training wheel)."""
+
+
+def _load_training_api():
+    if "onnxruntime.training" not in sys.modules:
+        ort_spec = importlib.util.find_spec("onnxruntime")
+        if ort_spec is None or not ort_spec.submodule_search_locations:
+            raise TrainingRuntimeMissing(
+                "onnxruntime is not installed; install the training wheel: pip install 'fftmoe[edge]'")
+        ort_dir = list(ort_spec.submodule_search_locations)[0]
+        shim = types.ModuleType("onnxruntime.training")
+        shim.__path__ = [f"{ort_dir}/training"]
+        shim.__package__ = "onnxruntime.training"
+        sys.modules["onnxruntime.training"] = shim
+    try:
+        from onnxruntime.training import api  # noqa: PLC0415
+    except ImportError as err:
+        raise TrainingRuntimeMissing(
+            f"onnxruntime has no training API ({err}); install onnxruntime-training-cpu==1.19.2, "
+            "not plain onnxruntime (see README: aarch64 devices need the source-built wheel)") from err
+    return api
+
+
+training_api = _load_training_api()
+
+import onnxruntime  # noqa: E402  (after the shim, so this is the same installed package)
+
+# ORT logs a warning per unused constant it prunes when a training session loads (dozens per
+# model); only errors are worth a device owner's attention.
+onnxruntime.set_default_logger_severity(3)
+
+CheckpointState = training_api.CheckpointState
+Module = training_api.Module
+Optimizer = training_api.Optimizer
+InferenceSession = onnxruntime.InferenceSession
+SessionOptions = onnxruntime.SessionOptions
+OrtValue = onnxruntime.OrtValue
+
+
+def session_options(threads: int) -> "onnxruntime.SessionOptions":
+    """Session options with intra-op threads fixed (one inter-op thread: the graph is sequential)."""
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = max(1, int(threads))
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
+def copy_buffer_to_parameters(module, flat) -> None:
+    """Write a flat float32 vector into the module's trainable parameters.
+
+    The documented `Module.copy_buffer_to_parameters(numpy_array)` raises TypeError in 1.19.2; the
+    C binding wants the raw `_ortvalue` of an OrtValue.
+    """
+    value = OrtValue.ortvalue_from_numpy(flat)
+    module._model.copy_buffer_to_parameters(value._ortvalue, True)

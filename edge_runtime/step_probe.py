@@ -1,0 +1,101 @@
+"""Measure a tier's training step as a device would run it: peak RSS and step time, torch-free.
+
+`python -m edge_runtime.step_probe TIER_DIR --batch B --seq T --vocab V --het-shape L,M` loads the
+tier's checkpoint, training / eval / optimizer models, runs one warm-up step and `--steps` timed
+steps of random tokens, and prints one JSON line: `peak_rss_mb`, `step_ms` (median), `load_s`,
+`threads`. With `--forbid-torch` any import of torch, transformers or onnx fails, which proves the
+numbers are those of a torch-free process. The export runs it in a subprocess for its summary and
+the manifest; it is not the device trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.abc
+import json
+import resource
+import statistics
+import sys
+import time
+
+FORBIDDEN = ("torch", "transformers", "onnx")
+
+
+class _ForbidImports(importlib.abc.MetaPathFinder):
+    """Fails any import of the heavy export-side packages (but not `onnxruntime`)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in FORBIDDEN:
+            raise ImportError(f"{fullname} must not be imported on a device (torch-free runtime)")
+        return None
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB.
+
+    On Linux this reads VmHWM, the high-water mark of the current address space. `ru_maxrss` is
+    not used there because Linux carries it over from the parent across fork and exec, so a probe
+    started by a 1.5 GB export process would report 1.5 GB.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_runtime.step_probe", description=__doc__.split("\n")[0])
+    parser.add_argument("tier_dir")
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--seq", type=int, required=True)
+    parser.add_argument("--vocab", type=int, required=True)
+    parser.add_argument("--het-shape", required=True, help="L,M of the het_target input")
+    parser.add_argument("--labels", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--forbid-torch", action="store_true")
+    args = parser.parse_args(argv)
+    if args.forbid_torch:
+        sys.meta_path.insert(0, _ForbidImports())
+
+    import numpy as np
+
+    from edge_runtime import _ort
+
+    started = time.perf_counter()
+    tier = args.tier_dir
+    state = _ort.CheckpointState.load_checkpoint(f"{tier}/checkpoint")
+    module = _ort.Module(f"{tier}/training_model.onnx", state, f"{tier}/eval_model.onnx",
+                         session_options=_ort.session_options(args.threads))
+    optimizer = _ort.Optimizer(f"{tier}/optimizer_model.onnx", module)
+    load_s = time.perf_counter() - started
+
+    rng = np.random.default_rng(0)
+    layers, experts = (int(x) for x in args.het_shape.split(","))
+    inputs = [rng.integers(0, args.vocab, (args.batch, args.seq), dtype=np.int64),
+              np.ones((args.batch, args.seq), dtype=np.int64),
+              rng.integers(0, args.labels, (args.batch,), dtype=np.int64),
+              np.array(0.01, dtype=np.float32), np.array(0.01, dtype=np.float32),
+              np.full((layers, experts), 1.0 / experts, dtype=np.float32)]
+    module.train()
+    times = []
+    for step in range(args.steps + 1):
+        t0 = time.perf_counter()
+        module(*inputs)
+        optimizer.step()
+        module.lazy_reset_grad()
+        if step:  # the first step includes lazy allocation; not a steady-state number
+            times.append(time.perf_counter() - t0)
+    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "step_ms": round(1000 * statistics.median(times), 2),
+                      "load_s": round(load_s, 3), "threads": args.threads,
+                      "torch_imported": any(m.split(".")[0] == "torch" for m in sys.modules)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
