@@ -1,0 +1,104 @@
+"""MQTT topics of the wire protocol: id validation, the topic builders, `parse_topic` and the QoS.
+
+Every fftmoe topic string is built or parsed here, and nowhere else:
+    fftmoe/{fed}/up/{device}/{round}   device -> server: Update or ErrorReply ("none" = round unknown)
+    fftmoe/{fed}/presence/{device}     device -> server: Hello, Presence (heartbeat and last will)
+    fftmoe/{fed}/task/{device}         server -> device: RoundTask
+    fftmoe/{fed}/global                server -> all:    GlobalState
+The device id sits at a fixed level so a broker ACL needs one pattern per direction, e.g. with
+mosquitto (%c = client id = device id): "pattern write fftmoe/+/up/%c/+",
+"pattern write fftmoe/+/presence/%c", "pattern read fftmoe/+/task/%c",
+"pattern read fftmoe/+/global"; only the aggregator's user may write task/ and global. This module
+knows topics only: it does not look at payloads (binding a payload to its topic is
+`messages.check_origin`) and it does not subscribe or publish (no MQTT client here).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+from .errors import MAX_ROUND, TopicError, WireError
+
+# QoS 1 (at least once) everywhere. QoS 0 may silently drop one chunk, which loses a whole update;
+# QoS 2 costs a four-packet handshake per chunk on slow device links and still is not end-to-end
+# exactly-once across reconnects. Duplicates are harmless: the Reassembler drops repeated chunks
+# and repeated completed messages, and the aggregator keys updates by (device, round).
+QOS_UPLOAD = QOS_PRESENCE = QOS_TASK = QOS_GLOBAL = 1
+
+TOPIC_ROOT = "fftmoe"
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_ROUND_RE = re.compile(r"0|[1-9][0-9]{0,9}")
+_NO_ROUND = "none"
+
+
+class Topic(NamedTuple):
+    kind: str  # "up" | "presence" | "task" | "global"
+    federation: str
+    device_id: str | None
+    round: int | None
+
+
+def validate_id(value: Any, what: str = "id", error: type[WireError] = TopicError) -> str:
+    """Return `value` if it is a valid federation or device id, else raise `error`."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise error(f"invalid {what} {value!r:.80}: must match [A-Za-z0-9_.-]{{1,64}}")
+    return value
+
+
+def upload_topic(federation: str, device_id: str, round: int | None) -> str:
+    """Where a device publishes its Update or ErrorReply for `round` (None: round unknown)."""
+    if round is None:
+        segment = _NO_ROUND
+    elif isinstance(round, int) and not isinstance(round, bool) and 0 <= round <= MAX_ROUND:
+        segment = str(round)
+    else:
+        raise TopicError(f"invalid round {round!r}")
+    return f"{_base(federation)}/up/{validate_id(device_id, 'device id')}/{segment}"
+
+
+def upload_subscription(federation: str) -> str:
+    """The server's subscription to every device's uploads."""
+    return f"{_base(federation)}/up/+/+"
+
+
+def presence_topic(federation: str, device_id: str) -> str:
+    """Where a device publishes Hello, heartbeats and (as MQTT last will) its offline Presence."""
+    return f"{_base(federation)}/presence/{validate_id(device_id, 'device id')}"
+
+
+def presence_subscription(federation: str) -> str:
+    """The server's subscription to every device's presence messages."""
+    return f"{_base(federation)}/presence/+"
+
+
+def task_topic(federation: str, device_id: str) -> str:
+    """Where the aggregator publishes a device's RoundTask (the device subscribes to its own)."""
+    return f"{_base(federation)}/task/{validate_id(device_id, 'device id')}"
+
+
+def global_topic(federation: str) -> str:
+    """The aggregator's broadcast topic (GlobalState)."""
+    return f"{_base(federation)}/global"
+
+
+def _base(federation: str) -> str:
+    return f"{TOPIC_ROOT}/{validate_id(federation, 'federation')}"
+
+
+def parse_topic(topic: str) -> Topic:
+    """Inverse of the topic builders; raises TopicError for anything they cannot produce."""
+    parts = topic.split("/") if isinstance(topic, str) else []
+    if len(parts) >= 3 and parts[0] == TOPIC_ROOT:
+        fed, kind, rest = validate_id(parts[1], "federation"), parts[2], parts[3:]
+        if kind == "global" and not rest:
+            return Topic(kind, fed, None, None)
+        if kind in ("presence", "task") and len(rest) == 1:
+            return Topic(kind, fed, validate_id(rest[0], "device id"), None)
+        if kind == "up" and len(rest) == 2:
+            device = validate_id(rest[0], "device id")
+            if rest[1] == _NO_ROUND:
+                return Topic(kind, fed, device, None)
+            if _ROUND_RE.fullmatch(rest[1]) and int(rest[1]) <= MAX_ROUND:
+                return Topic(kind, fed, device, int(rest[1]))
+    raise TopicError(f"not an fftmoe topic: {topic!r}")
