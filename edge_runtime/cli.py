@@ -1,21 +1,49 @@
 """`fftmoe device`: the on-device command line. Imports only the torch-free edge runtime.
 
 Subcommands:
+  run     (the default) join a federation: train on local data each round, upload over MQTT
   probe   verify a tier's artifacts against the manifest and measure its training step here
-          (peak RSS, step time), the numbers that decide which tier a device can run.
+          (peak RSS, step time), the numbers that decide which tier a device can run
+
+Exit codes of `run`: 0 stopped cleanly (SIGTERM); 2 bad configuration; 3 artifacts missing or
+corrupt; 4 local data unusable; 5 state file corrupt.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 EXIT_USAGE = 2
+SUBCOMMANDS = ("run", "probe")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fftmoe device", description="On-device commands (torch-free).")
+    parser = argparse.ArgumentParser(prog="fftmoe device", description="On-device commands (torch-free).",
+                                     epilog="Exit codes of run: 0 clean stop, 2 bad configuration, 3 artifacts "
+                                            "missing or corrupt, 4 local data unusable, 5 state file corrupt.")
     sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="join a federation and train each round (default)")
+    run.add_argument("--config", help="device TOML file (keys as the flags below, with underscores)")
+    for flag, help_ in (("--device-id", "this device's id"), ("--artifacts", "export folder with manifest.json"),
+                        ("--tier", "tier to train"), ("--data", "local data file (CSV, JSON Lines, Parquet)"),
+                        ("--federation", "federation name (default 'default')"),
+                        ("--broker", "broker URL, mqtt://host:1883 or mqtts://host:8883"),
+                        ("--ca-file", "CA certificate for TLS"), ("--cert-file", "client certificate"),
+                        ("--key-file", "client key"), ("--username", "broker user name"),
+                        ("--password-file", "file holding the broker password"),
+                        ("--profile", "hardware profile name announced to the server"),
+                        ("--text-column", "text column (default 'text')"),
+                        ("--label-column", "label column (default 'label')"),
+                        ("--state-dir", "folder for durable local state")):
+        run.add_argument(flag, help=help_)
+    run.add_argument("--holdout-fraction", type=float, help="held-out share of local data (default 0.2)")
+    run.add_argument("--threads", type=int, help="ORT intra-op threads (default 2)")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--chunk-size", type=int, help="MQTT payload size in bytes (default 262144)")
+    run.add_argument("--max-rounds", type=int, help="exit after serving this many rounds (default: run forever)")
+    run.add_argument("--log-level", default="INFO")
     probe = sub.add_parser("probe", help="verify a tier's artifacts and measure one training step on this device")
     probe.add_argument("--artifacts", required=True, help="export folder (with manifest.json)")
     probe.add_argument("--tier", required=True, help="tier name from the manifest")
@@ -25,15 +53,66 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")
     args = build_parser().parse_args(argv)
+    if args.command == "probe":
+        return _probe(args)
+    return _run(args)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fftmoe device: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from edge_runtime import agent
+    from edge_runtime.device_config import DeviceConfigError, load_device_config
+    from edge_runtime.local_data import LocalDataError, LocalDataset, TextEncoder
+    from edge_runtime.local_state import LocalState, StateFileError
+    from edge_runtime.manifest import ArtifactIntegrityError, ManifestError
+    from edge_runtime.mqtt import BrokerConfig, BrokerConfigError
+    from edge_runtime.trainer import TierTrainer
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "max_rounds", "log_level")}
+    try:
+        config = load_device_config(args.config, overrides)
+        broker = BrokerConfig.from_url(config.broker, ca_file=config.ca_file, cert_file=config.cert_file,
+                                       key_file=config.key_file, username=config.username,
+                                       password=config.password())
+    except (DeviceConfigError, BrokerConfigError) as err:
+        return _fail(str(err), agent.EXIT_CONFIG)
+    try:
+        trainer = TierTrainer(config.artifacts, config.tier, threads=config.threads)
+    except (ManifestError, ArtifactIntegrityError) as err:
+        return _fail(str(err), agent.EXIT_ARTIFACTS)
+    try:
+        encoder = TextEncoder(trainer.folder / "tokenizer.json", trainer.tier.seq_len)
+        dataset = LocalDataset(config.data, labels=trainer.manifest.labels, encoder=encoder,
+                               text_column=config.text_column, label_column=config.label_column,
+                               holdout_fraction=config.holdout_fraction, seed=config.seed)
+    except LocalDataError as err:
+        return _fail(str(err), agent.EXIT_DATA)
+    try:
+        device = agent.DeviceAgent(config, trainer, dataset, LocalState(config.state_dir), broker)
+    except StateFileError as err:
+        return _fail(str(err), agent.EXIT_STATE)
+    agent.install_signal_handlers(device)
+    return device.run(max_rounds=args.max_rounds)
+
+
+def _probe(args) -> int:
     from edge_runtime.manifest import ArtifactIntegrityError, ManifestError, load_manifest, verify_tier
 
     try:
         manifest = load_manifest(args.artifacts)
         tier = verify_tier(manifest, args.tier)
     except (ManifestError, ArtifactIntegrityError) as err:
-        print(f"fftmoe device: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(str(err), EXIT_USAGE)
     from edge_runtime import step_probe
 
     tier_dir = manifest.root / tier.name

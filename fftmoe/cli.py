@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module with main(argv), one-line help, extra that provides its dependencies)
 COMMANDS = {
     "export": ("export.cli", "export a frozen encoder + MoE adapters to ORT training artifacts per tier", "export"),
-    "device": ("edge_runtime.cli", "on-device commands (torch-free): measure a tier's training step", "edge"),
+    "device": ("edge_runtime.cli", "run a device: join a federation and train on local data (torch-free)", "edge"),
     "bench": ("fftmoe.bench", "benchmarks: train-step", "export"),
 }
 

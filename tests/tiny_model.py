@@ -88,3 +88,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+CLASS_WORDS = {
+    "business": "stock market shares bank profit company",
+    "entertainment": "film music award star band",
+    "politics": "election minister party vote government",
+    "sport": "match team cup goal player win season",
+    "tech": "phone software internet computer game users technology",
+}
+
+
+def write_tiny_dataset(path: Path, rows: int = 60, seed: int = 0, labels: tuple[str, ...] = LABELS) -> Path:
+    """A learnable CSV: each text mixes common words with words of its class."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    common = "the a of to and in is it that for on with".split()
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        for i in range(rows):
+            label = labels[i % len(labels)]
+            words = CLASS_WORDS[label].split()
+            text = " ".join(rng.choice(words) if rng.random() < 0.5 else rng.choice(common) for _ in range(10))
+            writer.writerow([text, label])
+    return path

@@ -1,0 +1,125 @@
+"""A device's configuration: validated, frozen, loaded from TOML and overridden by flags.
+
+Example `device.toml`:
+
+    device_id = "pi-kitchen"
+    federation = "demo"
+    broker = "mqtts://broker.example:8883"
+    ca_file = "/etc/fftmoe/ca.crt"
+    username = "pi-kitchen"
+    password_file = "/etc/fftmoe/password"
+    artifacts = "/var/lib/fftmoe/artifacts"
+    tier = "small"
+    profile = "pi4-4gb"
+    data = "/var/lib/fftmoe/data/local.csv"
+    state_dir = "/var/lib/fftmoe/state"
+
+Unknown keys and bad values fail loudly with the key and the file. This module does not connect
+or train; `agent.py` does.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from edge_runtime.wire import TopicError, validate_id
+
+
+class DeviceConfigError(ValueError):
+    """The device configuration is invalid; the message names the key and the source."""
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device_id: str
+    artifacts: str  # export folder with manifest.json (or a folder holding just this tier)
+    tier: str
+    data: str  # local training data: CSV, JSON Lines or Parquet
+    federation: str = "default"
+    broker: str = "mqtt://127.0.0.1:1883"
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None  # a file, so the secret is not on the command line
+    profile: str = "generic"
+    text_column: str = "text"
+    label_column: str = "label"
+    holdout_fraction: float = 0.2
+    state_dir: str = "fftmoe-device-state"
+    threads: int = 2
+    seed: int = 0
+    chunk_size: int = 256 * 1024
+    max_message_bytes: int = 64 * 1024 * 1024
+    personal_router: bool = False
+    reset_optimizer: bool = True
+    log_every: int = 10  # progress line every N local steps
+
+    def __post_init__(self) -> None:
+        for key in ("device_id", "federation", "tier", "profile"):
+            try:
+                validate_id(getattr(self, key), key)
+            except TopicError as err:
+                raise DeviceConfigError(f"{key}: {err}") from err
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise DeviceConfigError(f"holdout_fraction = {self.holdout_fraction} must be in [0, 1)")
+        for key in ("threads", "chunk_size", "max_message_bytes", "log_every"):
+            if getattr(self, key) < 1:
+                raise DeviceConfigError(f"{key} = {getattr(self, key)} must be at least 1")
+        if self.chunk_size < 1024:
+            raise DeviceConfigError(f"chunk_size = {self.chunk_size} is too small (at least 1024 bytes)")
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise DeviceConfigError(f"password_file {self.password_file}: {err.strerror}") from err
+
+
+_TYPES = {f.name: f.type for f in fields(DeviceConfig)}
+
+
+def load_device_config(path: str | Path | None, overrides: dict) -> DeviceConfig:
+    """Read a TOML file (optional) and apply non-None overrides; validate everything."""
+    values: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise DeviceConfigError(f"cannot read device config {path}: {err.strerror}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise DeviceConfigError(f"{path}: not valid TOML: {err}") from err
+        unknown = set(values) - set(_TYPES)
+        if unknown:
+            raise DeviceConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TYPES)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("device_id", "artifacts", "tier", "data") if k not in values]
+    if missing:
+        raise DeviceConfigError(f"{source}: missing required setting(s) {missing} (flags --device-id, "
+                                "--artifacts, --tier, --data or keys in --config)")
+    for key, value in values.items():
+        want = _TYPES[key]
+        ok = (isinstance(value, bool) if "bool" in want else
+              isinstance(value, int) and not isinstance(value, bool) if want == "int" else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want == "float" else
+              isinstance(value, str))
+        if not ok:
+            raise DeviceConfigError(f"{source}: {key} = {value!r} has the wrong type (expected {want})")
+    try:
+        return DeviceConfig(**values)
+    except DeviceConfigError as err:
+        raise DeviceConfigError(f"{source}: {err}") from err
+
+
+__all__ = ["DeviceConfig", "DeviceConfigError", "load_device_config", "replace"]

@@ -1,0 +1,168 @@
+"""The on-device trainer: one tier's ORT training artifacts, trained round by round on local data.
+
+`TierTrainer` loads a tier (after checking every file against the manifest hashes), fills its expert
+slots with the global arrays of a round, runs local AdamW steps with the FFT-MoE loss inputs, and
+returns the trained arrays with per-slot token counts, loss and accuracy. Optimiser state resets
+between rounds by default (ORT 1.19.2 has no call to reset AdamW moments, so the module is rebuilt
+from the checkpoint file, ~0.3 s). It knows nothing about MQTT (see `agent.py`) or files of data
+(see `local_data.py`): batches come in as numpy arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import _ort
+from edge_runtime.manifest import Manifest, TierEntry, load_manifest, verify_tier
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids [B, T], attention_mask [B, T], labels [B]
+
+
+class TrainerError(RuntimeError):
+    """The trainer cannot use what it was given (arrays of the wrong name or shape, bad options)."""
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """The loss schedule of one round: weights and the heterogeneity target q [L_t, M_t]."""
+
+    lambda_bal: float
+    lambda_het: float
+    het_target: np.ndarray  # [L_t, M_t], rows sum to 1
+
+
+@dataclass
+class RoundResult:
+    params: dict[str, np.ndarray]  # trained arrays, copies, tier shapes
+    expert_tokens: np.ndarray  # [L_t, M_t] token selections per slot over the round
+    num_samples: int  # samples seen in this round's steps
+    steps: int
+    loss: float  # mean training loss over the round's steps
+    accuracy: float  # training accuracy over the round's steps
+    train_seconds: float  # wall time of the steps
+    cpu_seconds: float  # process CPU time of the steps (emulation scales this)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TierTrainer:
+    """Trains one tier's artifacts. Not thread-safe: one round at a time."""
+
+    def __init__(self, artifacts: str | Path, tier: str, threads: int = 2, verify: bool = True):
+        self.manifest: Manifest = load_manifest(artifacts)
+        self.tier: TierEntry = verify_tier(self.manifest, tier) if verify else self.manifest.tier(tier)
+        self.folder = self.manifest.root / self.tier.name
+        self.threads = threads
+        self._shapes = {p.name: p.shape for p in self.tier.params}
+        self._load()
+
+    def _load(self) -> None:
+        """(Re)build state, module and optimizer from the tier's files: fresh AdamW moments."""
+        self._module = self._optimizer = self._state = None  # free the old session first
+        self._state = _ort.CheckpointState.load_checkpoint(str(self.folder / "checkpoint"))
+        self._module = _ort.Module(str(self.folder / "training_model.onnx"), self._state,
+                                   str(self.folder / "eval_model.onnx"),
+                                   session_options=_ort.session_options(self.threads))
+        self._optimizer = _ort.Optimizer(str(self.folder / "optimizer_model.onnx"), self._module)
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
+    def set_params(self, arrays: dict[str, np.ndarray]) -> None:
+        """Write trainable arrays (any subset of the tier's names) into the model."""
+        for name, value in arrays.items():
+            if name not in self._shapes:
+                raise TrainerError(f"tier {self.tier.name!r} has no trainable array {name!r}")
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            if value.shape != self._shapes[name]:
+                raise TrainerError(f"{name}: shape {value.shape} but tier {self.tier.name!r} expects "
+                                   f"{self._shapes[name]}")
+            self._state.parameters[name] = value
+
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable arrays (ORT's `.data` is a live view of its memory)."""
+        return {name: self._state.parameters[name].data.copy() for name in self._shapes}
+
+    def train_round(self, global_arrays: dict[str, np.ndarray], batches: Iterable[Batch], loss: LossInputs,
+                    learning_rate: float, reset_optimizer: bool = True,
+                    on_step: Callable[[int, float], None] | None = None,
+                    should_stop: Callable[[], bool] = lambda: False) -> RoundResult:
+        """Train on `batches` starting from `global_arrays`; returns the trained arrays and statistics.
+
+        `should_stop` is checked between steps, so a SIGTERM finishes the current step and returns
+        what was done (with `metrics["stopped"] = 1`), never a half-applied step.
+        """
+        target = np.ascontiguousarray(loss.het_target, dtype=np.float32)
+        want = (len(self.tier.adapted_layers), self.tier.experts_held)
+        if target.shape != want:
+            raise TrainerError(f"het_target shape {target.shape}, expected {want} for tier {self.tier.name!r}")
+        if reset_optimizer:
+            self._load()
+        self.set_params(global_arrays)
+        self._optimizer.set_learning_rate(float(learning_rate))
+        lambdas = (np.array(loss.lambda_bal, np.float32), np.array(loss.lambda_het, np.float32))
+        tokens = np.zeros(want, dtype=np.float64)
+        losses, correct, seen, steps, stopped = [], 0, 0, 0, False
+        self._module.train()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        for input_ids, mask, labels in batches:
+            if should_stop():
+                stopped = True
+                break
+            step_loss, logits, step_tokens = self._module(input_ids, mask, labels, *lambdas, target)
+            self._optimizer.step()
+            self._module.lazy_reset_grad()
+            steps += 1
+            losses.append(float(step_loss))
+            tokens += step_tokens
+            correct += int((logits.argmax(axis=1) == labels).sum())
+            seen += len(labels)
+            if on_step is not None:
+                on_step(steps, float(step_loss))
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        if steps == 0 and not stopped:
+            raise TrainerError("no training batches: the local training split is empty")
+        for value in losses:
+            if not np.isfinite(value):
+                raise TrainerError("training diverged: the loss became NaN or infinite; lower the learning rate")
+        return RoundResult(params=self.get_params(), expert_tokens=tokens.astype(np.float32), num_samples=seen,
+                           steps=steps, loss=float(np.mean(losses)) if losses else float("nan"),
+                           accuracy=correct / seen if seen else 0.0, train_seconds=wall, cpu_seconds=cpu,
+                           metrics={"stopped": float(stopped)})
+
+    def evaluate(self, batches: Iterable[Batch]) -> tuple[float, float, int]:
+        """(mean loss, accuracy, samples) of the current arrays on held-out batches."""
+        layers, held = len(self.tier.adapted_layers), self.tier.experts_held
+        target = np.full((layers, held), 1.0 / held, dtype=np.float32)
+        zero = np.array(0.0, np.float32)
+        self._module.eval()
+        total_loss, correct, seen = 0.0, 0, 0
+        for input_ids, mask, labels in batches:
+            step_loss, logits, _ = self._module(input_ids, mask, labels, zero, zero, target)
+            total_loss += float(step_loss) * len(labels)
+            correct += int((logits.argmax(axis=1) == labels).sum())
+            seen += len(labels)
+        self._module.train()
+        if seen == 0:
+            return float("nan"), float("nan"), 0
+        return total_loss / seen, correct / seen, seen
+
+
+def take_steps(epochs: Callable[[], Iterator[Batch]], steps: int) -> Iterator[Batch]:
+    """Exactly `steps` batches, cycling through fresh epochs (reshuffled by the caller) as needed."""
+    produced = 0
+    while produced < steps:
+        empty = True
+        for batch in epochs():
+            empty = False
+            yield batch
+            produced += 1
+            if produced == steps:
+                return
+        if empty:
+            return

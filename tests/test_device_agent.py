@@ -1,0 +1,126 @@
+"""The device agent as a real process against real brokers (embedded amqtt and Debian mosquitto)."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+
+from edge_runtime import wire
+from edge_runtime.local_state import LocalState
+from tests.brokers import Mosquitto, running_broker
+from tests.mqtt_harness import Harness, start_device, task_for
+from tests.tiny_model import write_tiny_dataset
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    return write_tiny_dataset(tmp_path / "local.csv", rows=40)
+
+
+def _stop(process, log):
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=30)
+    assert code == 0, log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
+def test_round_trip_with_chunking(tiny_export, data_file, tmp_path, broker_kind):
+    with running_broker(broker_kind, tmp_path) as url:
+        harness = Harness(url)
+        log = tmp_path / "device.log"
+        device = start_device(url, tiny_export, "small", "dev1", data_file, tmp_path / "state", log,
+                              extra=["--chunk-size", "2048"])
+        try:
+            hello = harness.wait_for(wire.Hello, "dev1")
+            assert hello.tier == "small" and hello.last_round_seen is None
+            task = task_for(tiny_export, "small", "dev1", round_=3)
+            harness.send("dev1", wire.encode(task, chunk_size=1024))
+            update = harness.wait_for(wire.Update, "dev1")
+            assert update.round == 3 and update.tier == "small"
+            assert {k: v.shape for k, v in update.params.items()} == {k: v.shape for k, v in task.params.items()}
+            assert any(not np.array_equal(update.params[k], task.params[k]) for k in task.params)
+            assert update.num_samples == 30  # 40 rows, 8 per class, 2 per class held out (20%, rounded up)
+            assert update.metrics["steps"] == 4 and 0 <= update.metrics["holdout_accuracy"] <= 1
+            assert harness.chunks_seen > 3  # the update really travelled in several chunks
+            assert sorted(update.expert_tokens) == [str(layer) for layer in tiny_export.tier("small").adapted_layers]
+            _stop(device, log)
+            assert LocalState(tmp_path / "state").load().last_round_seen == 3
+        finally:
+            device.kill()
+            harness.stop()
+
+
+def test_corrupted_chunk_gets_an_error_reply(tiny_export, data_file, tmp_path):
+    with running_broker("embedded", tmp_path) as url:
+        harness = Harness(url)
+        log = tmp_path / "device.log"
+        device = start_device(url, tiny_export, "small", "dev2", data_file, tmp_path / "state", log)
+        try:
+            harness.wait_for(wire.Hello, "dev2")
+            chunks = wire.encode(task_for(tiny_export, "small", "dev2", round_=0), chunk_size=1024)
+            broken = bytearray(chunks[-1])
+            broken[-1] ^= 0xFF
+            harness.send("dev2", chunks[:-1] + [bytes(broken)])
+            reply = harness.wait_for(wire.ErrorReply, "dev2")
+            assert reply.code == wire.ErrorCode.BAD_HASH
+            # the device is still serving: a good task now gets an update
+            harness.send("dev2", wire.encode(task_for(tiny_export, "small", "dev2", round_=1)))
+            assert harness.wait_for(wire.Update, "dev2").round == 1
+            _stop(device, log)
+        finally:
+            device.kill()
+            harness.stop()
+
+
+def test_wrong_tier_task_is_refused_not_fatal(tiny_export, data_file, tmp_path):
+    with running_broker("embedded", tmp_path) as url:
+        harness = Harness(url)
+        log = tmp_path / "device.log"
+        device = start_device(url, tiny_export, "small", "dev3", data_file, tmp_path / "state", log)
+        try:
+            harness.wait_for(wire.Hello, "dev3")
+            harness.send("dev3", wire.encode(task_for(tiny_export, "big", "dev3", round_=0)))
+            reply = harness.wait_for(wire.ErrorReply, "dev3")
+            assert reply.code == wire.ErrorCode.UNKNOWN_TIER and "small" in reply.message
+            _stop(device, log)
+        finally:
+            device.kill()
+            harness.stop()
+
+
+def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_file, tmp_path):
+    broker = Mosquitto(tmp_path).start()
+    harness = Harness(broker.url)
+    log = tmp_path / "device.log"
+    device = start_device(broker.url, tiny_export, "big", "dev4", data_file, tmp_path / "state", log,
+                          extra=["--chunk-size", "1024"])
+    try:
+        harness.wait_for(wire.Hello, "dev4")
+        task_chunks = wire.encode(task_for(tiny_export, "big", "dev4", round_=7))
+        harness.resend_on_hello["dev4"] = task_chunks  # an aggregator re-sends open tasks to re-announced devices
+        restarted = []
+
+        def kill_on_first_chunk(count):
+            if count == 1 and not restarted:
+                restarted.append(True)
+                broker.kill()  # the device is mid-upload: dozens of 1 KiB chunks remain
+
+        harness.on_upload_chunk = kill_on_first_chunk
+        harness.send("dev4", task_chunks)
+        import time
+        deadline = time.monotonic() + 30
+        while not restarted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert restarted, "the upload never started"
+        broker.start()
+        update = harness.wait_for(wire.Update, "dev4", timeout=60)
+        assert update.round == 7
+        with pytest.raises(TimeoutError):  # exactly once: no second copy reaches the aggregator
+            harness.wait_for(wire.Update, "dev4", timeout=3)
+        _stop(device, log)
+    finally:
+        device.kill()
+        harness.stop()
+        broker.kill()
