@@ -47,7 +47,7 @@ class DeviceAgent:
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
-        self._last_upload: tuple[int, list[bytes]] | None = None  # (round, chunks) for re-requests
+        self._last_upload: wire.Update | None = None  # answered again when its task is repeated
         self._rng = np.random.default_rng(config.seed)
         fed, dev = config.federation, config.device_id
         offline = wire.encode(wire.Presence(device_id=dev, online=False, timestamp=0.0))[0]
@@ -108,6 +108,8 @@ class DeviceAgent:
                         self._reply_error(message.round, wire.ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
                 elif isinstance(message, wire.GlobalState):
                     log.debug("global state for round %d", message.round)
+                    if message.note == wire.ROLL_CALL:  # the server restarted and lost its registry
+                        self._announce()
         finally:
             offline = wire.encode(wire.Presence(device_id=self.config.device_id, online=False, timestamp=time.time()))
             self.connection.stop(final=(self._presence_topic, offline[0], wire.QOS_PRESENCE, True))
@@ -122,9 +124,9 @@ class DeviceAgent:
         cfg = self.config
         if task.device_id != cfg.device_id or task.federation != cfg.federation:
             return False
-        if self._last_upload is not None and self._last_upload[0] == task.round:
+        if self._last_upload is not None and self._last_upload.round == task.round:
             log.info("round %d: task repeated; re-sending the update already trained", task.round)
-            self._upload(task.round, self._last_upload[1])
+            self._upload(task.round, self._encode(self._last_upload, task.upload_dtype))
             return False
         if task.tier != cfg.tier:
             self._reply_error(task.round, wire.ErrorCode.UNKNOWN_TIER,
@@ -171,15 +173,14 @@ class DeviceAgent:
                              num_samples=self.dataset.train_size, metrics=metrics)
         encode_start = time.perf_counter()
         try:
-            chunks = wire.encode(update, chunk_size=cfg.chunk_size, dtype=task.upload_dtype,
-                                 max_message_bytes=cfg.max_message_bytes)
+            chunks = self._encode(update, task.upload_dtype)
         except wire.PayloadTooLarge as err:
             log.error("round %d: update not sent: %s (raise max_message_bytes in the device config if the "
                       "broker allows larger messages)", task.round, err)
             self._reply_error(task.round, wire.ErrorCode.INTERNAL, f"update too large: {err}")
             return False
         encode_s = time.perf_counter() - encode_start
-        self._last_upload = (task.round, chunks)
+        self._last_upload = update
         self._upload(task.round, chunks)
         log.info("round %d: uploaded %d bytes in %d chunks (encode %.3f s); train loss %.4f acc %.3f%s", task.round,
                  sum(map(len, chunks)), len(chunks), encode_s, result.loss, result.accuracy,
@@ -188,6 +189,12 @@ class DeviceAgent:
                                  rounds_completed=self.saved.rounds_completed + 1)
         self.state.save(self.saved)
         return True
+
+    def _encode(self, update: wire.Update, dtype: str) -> list[bytes]:
+        """Chunks with a fresh message id: a re-sent update is a new message to the receiver's
+        transport dedup; the server counts it once per (device, round)."""
+        return wire.encode(update, chunk_size=self.config.chunk_size, dtype=dtype,
+                           max_message_bytes=self.config.max_message_bytes)
 
     def _upload(self, round_: int, chunks: list[bytes]) -> None:
         """Publish until the broker acknowledged every chunk (across reconnects), or we are stopped."""

@@ -90,6 +90,7 @@ class MqttConnection:
             client.will_set(topic, payload, qos=qos, retain=retain)
         client.max_inflight_messages_set(64)  # enough to stream an update's chunks without stalls
         client.max_queued_messages_set(0)  # unbounded: publish_chunks bounds what it queues
+        client.enable_logger(logging.getLogger("paho"))  # DEBUG level: every packet, for --log-level DEBUG
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message

@@ -27,7 +27,7 @@ class Harness:
         self.reassembler = wire.Reassembler()
         self.chunks_seen = 0
         self.on_upload_chunk = None  # test hook: called with the chunk count so far
-        self.resend_on_hello: dict[str, list[bytes]] = {}  # open tasks, re-sent on hello and on reconnect
+        self.resend_on_hello: dict[str, wire.RoundTask] = {}  # open tasks, re-sent (fresh ids) until answered
         self.connection = MqttConnection(
             BrokerConfig.from_url(url, reconnect_min_s=0.1, reconnect_max_s=0.5), f"harness-{os.getpid()}",
             [(wire.presence_subscription(federation), 1), (wire.upload_subscription(federation), 1)], self._receive,
@@ -47,8 +47,8 @@ class Harness:
 
     def _resend_open_tasks(self) -> None:
         """After a reconnect, re-send open tasks: a device may have uploaded while we were away."""
-        for device_id, chunks in list(self.resend_on_hello.items()):
-            self.connection.publish_chunks(wire.task_topic(self.federation, device_id), chunks)
+        for device_id, task in list(self.resend_on_hello.items()):
+            self.connection.publish_chunks(wire.task_topic(self.federation, device_id), wire.encode(task))
 
     def _receive(self, topic: str, payload: bytes) -> None:
         if wire.parse_topic(topic).kind == "up":
@@ -64,7 +64,7 @@ class Harness:
         if isinstance(message, wire.Hello) and message.device_id in self.resend_on_hello:
             threading.Thread(target=self.connection.publish_chunks, daemon=True,  # not on the network thread
                              args=(wire.task_topic(self.federation, message.device_id),
-                                   self.resend_on_hello[message.device_id])).start()
+                                   wire.encode(self.resend_on_hello[message.device_id]))).start()
         self.inbox.put(message)
 
     def wait_for(self, kind, device_id: str, timeout: float = 60.0):

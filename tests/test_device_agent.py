@@ -98,8 +98,9 @@ def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_fi
                           extra=["--chunk-size", "1024"])
     try:
         harness.wait_for(wire.Hello, "dev4")
-        task_chunks = wire.encode(task_for(tiny_export, "big", "dev4", round_=7))
-        harness.resend_on_hello["dev4"] = task_chunks  # an aggregator re-sends open tasks to re-announced devices
+        task = task_for(tiny_export, "big", "dev4", round_=7)
+        task_chunks = wire.encode(task)
+        harness.resend_on_hello["dev4"] = task  # an aggregator re-sends open tasks to re-announced devices
         restarted = []
 
         def kill_on_first_chunk(count):

@@ -40,7 +40,7 @@ from .errors import (
 )
 from .fields import ErrorCode
 from .messages import (
-    ErrorReply, GlobalState, Hello, Message, Presence, RoundTask, Update, check_origin,
+    ROLL_CALL, ErrorReply, GlobalState, Hello, Message, Presence, RoundTask, Update, check_origin,
 )
 from .topics import (
     QOS_GLOBAL, QOS_PRESENCE, QOS_TASK, QOS_UPLOAD, TOPIC_ROOT, Topic, global_topic, parse_topic,
@@ -58,7 +58,7 @@ __all__ = [
     "upload_topic", "upload_subscription", "presence_topic", "presence_subscription", "task_topic",
     "global_topic", "parse_topic",
     # messages
-    "ErrorCode", "Hello", "Presence", "RoundTask", "GlobalState", "Update", "ErrorReply", "Message",
+    "ROLL_CALL", "ErrorCode", "Hello", "Presence", "RoundTask", "GlobalState", "Update", "ErrorReply", "Message",
     "check_origin",
     # body codec
     "MESSAGE_MAGIC", "encode_body", "decode_body",

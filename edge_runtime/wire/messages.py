@@ -117,7 +117,12 @@ class GlobalState(_Message):
     kind, kind_code = "global_state", 4
     round: int
     expert_usage: dict[str, list[float]]  # layer -> usage per global expert index
-    note: str = ""
+    note: str = ""  # ROLL_CALL asks every device to answer with a Hello
+
+
+# GlobalState.note of the server's roll call: after a restart its registry is empty while devices
+# are still connected, so it asks them to announce themselves again.
+ROLL_CALL = "announce"
 
 
 @dataclass(frozen=True, eq=False)
