@@ -52,11 +52,13 @@ class RoundResult:
 class TierTrainer:
     """Trains one tier's artifacts. Not thread-safe: one round at a time."""
 
-    def __init__(self, artifacts: str | Path, tier: str, threads: int = 2, verify: bool = True):
+    def __init__(self, artifacts: str | Path, tier: str, threads: int = 2, verify: bool = True,
+                 spinning: bool = True):
         self.manifest: Manifest = load_manifest(artifacts)
         self.tier: TierEntry = verify_tier(self.manifest, tier) if verify else self.manifest.tier(tier)
         self.folder = self.manifest.root / self.tier.name
         self.threads = threads
+        self.spinning = spinning
         self._shapes = {p.name: p.shape for p in self.tier.params}
         self._load()
 
@@ -66,7 +68,7 @@ class TierTrainer:
         self._state = _ort.CheckpointState.load_checkpoint(str(self.folder / "checkpoint"))
         self._module = _ort.Module(str(self.folder / "training_model.onnx"), self._state,
                                    str(self.folder / "eval_model.onnx"),
-                                   session_options=_ort.session_options(self.threads))
+                                   session_options=_ort.session_options(self.threads, self.spinning))
         self._optimizer = _ort.Optimizer(str(self.folder / "optimizer_model.onnx"), self._module)
 
     @property
@@ -151,6 +153,11 @@ class TierTrainer:
         if seen == 0:
             return float("nan"), float("nan"), 0
         return total_loss / seen, correct / seen, seen
+
+
+def export_inference_model(trainer: TierTrainer, path: str | Path) -> None:
+    """A plain-onnxruntime model (ids, mask -> logits) with the trainer's current arrays baked in."""
+    trainer._module.export_model_for_inferencing(str(path), list(trainer.manifest.infer_outputs))
 
 
 def take_steps(epochs: Callable[[], Iterator[Batch]], steps: int) -> Iterator[Batch]:

@@ -14,7 +14,8 @@ import sys
 COMMANDS = {
     "export": ("export.cli", "export a frozen encoder + MoE adapters to ORT training artifacts per tier", "export"),
     "device": ("edge_runtime.cli", "run a device: join a federation and train on local data (torch-free)", "edge"),
-    "bench": ("fftmoe.bench", "benchmarks: train-step", "export"),
+    "serve": ("broker_server.cli", "run the aggregation server (embedded MQTT broker unless --broker)", "server"),
+    "bench": ("fftmoe.bench", "benchmarks: train-step, aggregate", "export"),
 }
 
 EXIT_USAGE = 2

@@ -1,0 +1,98 @@
+"""`fftmoe serve`: run the aggregation server, with the embedded broker unless --broker is given.
+
+Exit codes: 0 the configured rounds are complete (or stopped by SIGTERM); 2 bad configuration;
+3 artifacts missing or corrupt; 5 state folder unreadable or unwritable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+EXIT_CONFIG, EXIT_ARTIFACTS, EXIT_STATE = 2, 3, 5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fftmoe serve", description="Run FFT-MoE aggregation rounds over MQTT.",
+                                     epilog="Exit codes: 0 done, 2 bad configuration, 3 artifacts missing or "
+                                            "corrupt, 5 state folder unusable.")
+    parser.add_argument("--config", help="server TOML file (keys as the flags, with underscores)")
+    parser.add_argument("--artifacts", help="export folder with manifest.json")
+    parser.add_argument("--state-dir", help="durable state folder; an existing one is resumed")
+    parser.add_argument("--federation")
+    parser.add_argument("--broker", help="external broker URL (mqtt://host:1883, mqtts://...); default: embedded")
+    parser.add_argument("--host", help="embedded broker bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="embedded broker port (default 1883, 0 for any)")
+    for flag in ("--ca-file", "--cert-file", "--key-file", "--username", "--password-file", "--upload-dtype",
+                 "--weighting", "--optimizer"):
+        parser.add_argument(flag)
+    for flag in ("--rounds", "--min-devices", "--min-participants", "--min-updates", "--local-steps", "--seed",
+                 "--max-attempts"):
+        parser.add_argument(flag, type=int)
+    for flag in ("--fraction", "--round-deadline-s", "--learning-rate", "--lambda-bal", "--lambda-het", "--gamma",
+                 "--server-lr", "--clip-multiplier"):
+        parser.add_argument(flag, type=float)
+    parser.add_argument("--personalise-router", action="store_true", default=None)
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"fftmoe serve: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from broker_server.config import ServerConfigError, load_server_config
+    from broker_server.embedded_broker import EmbeddedBroker, EmbeddedBrokerError
+    from broker_server.server import AggregationServer
+    from broker_server.state import StateError, StateStore
+    from edge_runtime.manifest import ArtifactIntegrityError, ManifestError, load_manifest, verify_files
+    from edge_runtime.mqtt import BrokerConfig, BrokerConfigError
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
+    try:
+        config = load_server_config(args.config, overrides)
+    except ServerConfigError as err:
+        return _fail(str(err), EXIT_CONFIG)
+    try:
+        manifest = load_manifest(config.artifacts)
+        verify_files(manifest, [manifest.global_init])
+    except (ManifestError, ArtifactIntegrityError) as err:
+        return _fail(str(err), EXIT_ARTIFACTS)
+    store = StateStore(config.state_dir)
+    embedded = None
+    try:
+        store.check_writable()
+        if config.broker is None:
+            embedded = EmbeddedBroker(config.host, config.port).start()
+            broker = BrokerConfig(host=config.host, port=embedded.port)
+        else:
+            broker = BrokerConfig.from_url(config.broker, ca_file=config.ca_file, cert_file=config.cert_file,
+                                           key_file=config.key_file, username=config.username,
+                                           password=config.password())
+        server = AggregationServer(config, manifest, store, broker)
+    except StateError as err:
+        return _fail(str(err), EXIT_STATE)
+    except (BrokerConfigError, EmbeddedBrokerError, ServerConfigError, ValueError) as err:
+        if embedded is not None:
+            embedded.stop()
+        return _fail(str(err), EXIT_CONFIG)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop())
+    try:
+        return server.run()
+    except StateError as err:
+        return _fail(str(err), EXIT_STATE)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

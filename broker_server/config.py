@@ -1,0 +1,119 @@
+"""The aggregation server's configuration: a validated, frozen dataclass from TOML and flags.
+
+Unknown keys and bad values fail with the key and the source. This module holds no behaviour.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ServerConfigError(ValueError):
+    """A server setting is invalid; the message names it and its source."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    artifacts: str  # export folder with manifest.json and global_init.npz
+    state_dir: str = "fftmoe-server-state"
+    federation: str = "default"
+    broker: str | None = None  # external broker URL; None starts the embedded broker
+    host: str = "127.0.0.1"  # embedded broker bind address
+    port: int = 1883  # embedded broker port (0: any free port)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    username: str | None = None
+    password_file: str | None = None
+    rounds: int = 5  # rounds to complete in this state folder (0: run until stopped)
+    min_devices: int = 1  # registered, online devices needed before a round starts
+    fraction: float = 1.0  # share of online devices sampled per round
+    min_participants: int = 1  # at least this many sampled (if online)
+    min_updates: int = 1  # updates needed to aggregate; fewer and the round is retried
+    round_deadline_s: float = 300.0
+    resend_interval_s: float = 5.0  # open tasks are re-sent at this interval until answered
+    max_attempts: int = 3  # tries per round before waiting for more devices
+    local_steps: int = 20
+    learning_rate: float = 1e-3
+    lambda_bal: float = 0.01
+    lambda_het: float = 0.01
+    gamma: float = 1.0
+    upload_dtype: str = "float32"
+    weighting: str = "samples"
+    optimizer: str = "fedavg"
+    server_lr: float = 1e-2
+    personalise_router: bool = False
+    clip_multiplier: float | None = None
+    seed: int = 0
+    chunk_size: int = 256 * 1024
+    max_update_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 0, "rounds must be >= 0"),
+            (self.min_devices >= 1 and self.min_participants >= 1 and self.min_updates >= 1,
+             "min_devices, min_participants and min_updates must be >= 1"),
+            (self.min_updates <= max(self.min_participants, self.min_devices) or self.fraction > 0,
+             "min_updates cannot exceed the devices sampled"),
+            (0 < self.fraction <= 1, "fraction must be in (0, 1]"),
+            (self.round_deadline_s > 0 and self.resend_interval_s > 0, "deadlines must be > 0"),
+            (self.max_attempts >= 1 and self.local_steps >= 1, "max_attempts and local_steps must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.lambda_bal >= 0 and self.lambda_het >= 0 and self.gamma >= 0, "lambdas and gamma must be >= 0"),
+            (self.upload_dtype in ("float32", "float16"), "upload_dtype must be float32 or float16"),
+            (0 <= self.port <= 65535, "port must be in [0, 65535]"),
+            (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ServerConfigError(message)
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ServerConfigError(f"password_file {self.password_file}: {err.strerror}") from err
+
+
+_TYPES = {f.name: f.type for f in fields(ServerConfig)}
+
+
+def load_server_config(path: str | Path | None, overrides: dict) -> ServerConfig:
+    """Read an optional TOML file, apply non-None overrides, validate."""
+    values: dict = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ServerConfigError(f"cannot read server config {path}: {err.strerror}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ServerConfigError(f"{path}: not valid TOML: {err}") from err
+        unknown = set(values) - set(_TYPES)
+        if unknown:
+            raise ServerConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TYPES)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "artifacts" not in values:
+        raise ServerConfigError(f"{source}: missing required setting 'artifacts' (--artifacts DIR)")
+    for key, value in values.items():
+        want = _TYPES[key].replace(" | None", "")
+        ok = (isinstance(value, bool) if want == "bool" else
+              isinstance(value, int) and not isinstance(value, bool) if want == "int" else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want == "float" else
+              isinstance(value, str))
+        if not ok:
+            raise ServerConfigError(f"{source}: {key} = {value!r} has the wrong type (expected {want})")
+    try:
+        return ServerConfig(**values)
+    except ServerConfigError as err:
+        raise ServerConfigError(f"{source}: {err}") from err

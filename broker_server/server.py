@@ -1,0 +1,336 @@
+"""The aggregation server: synchronous FFT-MoE rounds over MQTT, with durable state.
+
+Per round: wait for enough online devices, sample participants, give each a slot map
+(`slots.py`) and the global arrays of its slots, re-send open tasks until answered or the
+deadline, validate every update and fold it into the streaming strategy as it arrives
+(`aggregation.py`), then commit the new global state (`state.py`) and broadcast the usage.
+A round with too few updates is retried with other devices. Late updates of a closed round are
+logged and dropped; an update counts at most once per (device, round). The MQTT network thread
+only reassembles and queues; all decisions happen on the main thread. No torch, no exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target,
+                                       validate_update)
+from broker_server.config import ServerConfig
+from broker_server.slots import SlotPlanner, tokens_by_global_expert
+from broker_server.state import ServerState, StateStore
+from edge_runtime import wire
+from edge_runtime.manifest import Manifest
+from edge_runtime.mqtt import BrokerConfig, MqttConnection
+
+log = logging.getLogger("fftmoe.server")
+
+
+@dataclass
+class Device:
+    device_id: str
+    tier: str
+    profile: str
+    online: bool = True
+    last_seen: float = 0.0
+    history: dict[int, np.ndarray] | None = None  # tokens per global expert, last round it trained
+
+
+@dataclass
+class OpenTask:
+    message: wire.RoundTask
+    slot_map: dict[int, list[int]]
+    sent_at: float
+    bytes_down: int
+    answered: bool = False
+
+
+@dataclass
+class RoundOutcome:
+    updates: int = 0
+    failed: dict[str, str] = field(default_factory=dict)  # device -> reason
+    bytes_up: int = 0
+    bytes_down: int = 0
+    metrics: list[dict] = field(default_factory=list)  # per accepted update
+    devices: dict[str, dict] = field(default_factory=dict)  # per participant: status, times, bytes, usage
+
+
+class AggregationServer:
+    """Runs rounds until `config.rounds` are complete in the state folder (or `stop()`)."""
+
+    def __init__(self, config: ServerConfig, manifest: Manifest, store: StateStore, broker: BrokerConfig,
+                 evaluate: Callable[[dict[str, np.ndarray]], dict] | None = None):
+        """`evaluate(global_arrays) -> {name: value}` adds e.g. test accuracy to every round's record."""
+        self.config = config
+        self.evaluate = evaluate
+        self.manifest = manifest
+        self.store = store
+        self.space = ParamSpace(manifest.global_params)
+        self.strategy = FftMoeStrategy(self.space, AggregationConfig(
+            weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
+            personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier))
+        self.state = self._initial_state()
+        self.devices: dict[str, Device] = {}
+        self.inbox: queue.Queue = queue.Queue()
+        self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
+        self._bytes_in: dict[tuple[str, int | None], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._rng = random.Random(config.seed)
+        fed = config.federation
+        self.connection = MqttConnection(
+            broker, client_id=f"fftmoe-server-{fed}",
+            subscriptions=[(wire.presence_subscription(fed), wire.QOS_PRESENCE),
+                           (wire.upload_subscription(fed), wire.QOS_UPLOAD)],
+            on_message=self._receive, on_connect=self._roll_call)
+
+    def _roll_call(self) -> None:
+        """Ask every device to announce itself: after a server restart the registry is empty while
+        devices are still connected and would not send a Hello on their own."""
+        usage = {str(k): v.tolist() for k, v in self.strategy.usage.items()}
+        message = wire.GlobalState(round=self.state.round, expert_usage=usage, note=wire.ROLL_CALL)
+        self.connection.publish_chunks(wire.global_topic(self.config.federation), wire.encode(message),
+                                       wire.QOS_GLOBAL)
+
+    def _initial_state(self) -> ServerState:
+        state = self.store.load()
+        sha = self.manifest.backbone["sha256"]
+        if state is None:
+            with np.load(self.manifest.root / self.manifest.global_init.path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+            return ServerState(round=0, global_arrays=arrays, backbone_sha256=sha)
+        if state.backbone_sha256 != sha:
+            raise ValueError(f"state folder {self.store.folder} belongs to another export (backbone "
+                             f"{state.backbone_sha256[:12]}, artifacts {sha[:12]}); use a new --state-dir")
+        if state.optimizer:
+            self.strategy.load_optimizer_state(state.optimizer)
+        self.strategy.load_usage(state.usage)
+        log.info("resuming at round %d from %s", state.round, self.store.folder)
+        return state
+
+    # -- network thread ------------------------------------------------------------------------
+    def _receive(self, topic: str, payload: bytes) -> None:
+        try:
+            parsed = wire.parse_topic(topic)
+            if parsed.kind == "up":
+                key = (parsed.device_id, parsed.round)
+                with self._lock:
+                    self._bytes_in[key] = self._bytes_in.get(key, 0) + len(payload)
+            message = self._reassembler.add(payload, source=topic)
+            if message is not None:
+                wire.check_origin(message, topic)  # the topic names the sender: bind message to it
+                self.inbox.put(message)
+        except wire.WireError as err:
+            log.warning("rejected a message on %s: %s", topic, err)
+
+    # -- main thread ---------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        self.connection.start()
+        if not self.connection.wait_connected(timeout=30):
+            log.warning("broker %s:%s not reachable yet; still trying", self.connection.config.host,
+                        self.connection.config.port)
+        try:
+            while not self._stop.is_set() and (self.config.rounds == 0 or self.state.round < self.config.rounds):
+                self._run_round()
+        finally:
+            self.connection.stop()
+        return 0
+
+    def _drain(self, timeout: float) -> wire.Message | None:
+        try:
+            message = self.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(message, wire.Hello):
+            self._register(message)
+        elif isinstance(message, wire.Presence):
+            device = self.devices.get(message.device_id)
+            if device is not None:
+                device.online = message.online
+                device.last_seen = time.time()
+        return message
+
+    def _register(self, hello: wire.Hello) -> None:
+        if hello.tier not in self.manifest.tiers:
+            log.warning("device %s announced unknown tier %r; ignored (tiers: %s)", hello.device_id, hello.tier,
+                        ", ".join(self.manifest.tiers))
+            return
+        known = self.devices.get(hello.device_id)
+        if known is None:
+            log.info("device %s joined (tier %s, profile %s, last round seen %s)", hello.device_id, hello.tier,
+                     hello.profile, hello.last_round_seen)
+            self.devices[hello.device_id] = Device(hello.device_id, hello.tier, hello.profile, last_seen=time.time())
+        else:
+            known.online, known.tier, known.last_seen = True, hello.tier, time.time()
+
+    def _online(self) -> list[str]:
+        return sorted(d.device_id for d in self.devices.values() if d.online)
+
+    def _run_round(self) -> None:
+        cfg = self.config
+        round_ = self.state.round
+        excluded: set[str] = set()
+        for attempt in range(1, cfg.max_attempts + 1):
+            while not self._stop.is_set() and len(set(self._online()) - excluded) < max(cfg.min_devices, 1):
+                self._drain(timeout=0.5)
+            if self._stop.is_set():
+                return
+            eligible = [d for d in self._online() if d not in excluded]
+            count = min(len(eligible), max(cfg.min_participants, math.ceil(cfg.fraction * len(eligible))))
+            participants = sorted(self._rng.sample(eligible, count))
+            started = time.perf_counter()
+            outcome = self._collect(round_, participants)
+            if outcome is None:
+                return  # stopped
+            if outcome.updates >= cfg.min_updates:
+                self._close(round_, participants, outcome, attempt, time.perf_counter() - started)
+                return
+            log.warning("round %d attempt %d: %d of %d updates (need %d); retrying with other devices", round_,
+                        attempt, outcome.updates, len(participants), cfg.min_updates)
+            excluded |= set(outcome.failed)  # those that answered re-send their cached update if re-sampled
+        log.warning("round %d: no quorum after %d attempts; waiting for devices", round_, cfg.max_attempts)
+
+    def _task(self, round_: int, device: Device, slot_map: dict[int, list[int]]) -> wire.RoundTask:
+        cfg = self.config
+        params = self.space.gather_slots(self.state.global_arrays, slot_map)
+        target = {str(layer): het_target(self.strategy.usage[layer], slots, gamma=cfg.gamma).tolist()
+                  for layer, slots in slot_map.items()}
+        return wire.RoundTask(federation=cfg.federation, round=round_, device_id=device.device_id, tier=device.tier,
+                              slot_map={str(layer): list(slots) for layer, slots in slot_map.items()},
+                              lambda_bal=cfg.lambda_bal, lambda_het=cfg.lambda_het, het_target=target,
+                              local_steps=cfg.local_steps, learning_rate=cfg.learning_rate,
+                              deadline_s=cfg.round_deadline_s, upload_dtype=cfg.upload_dtype,
+                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
+
+    def _collect(self, round_: int, participants: list[str]) -> RoundOutcome | None:
+        cfg = self.config
+        planner = SlotPlanner(self.space.experts, self.strategy.usage)
+        self.strategy.begin_round(self.state.global_arrays)
+        open_tasks: dict[str, OpenTask] = {}
+        for device_id in participants:
+            device = self.devices[device_id]
+            tier = self.manifest.tier(device.tier)
+            slot_map = planner.assign(list(tier.adapted_layers), tier.experts_held, device.history)
+            task = self._task(round_, device, slot_map)
+            chunks = wire.encode(task, chunk_size=cfg.chunk_size)
+            open_tasks[device_id] = OpenTask(task, slot_map, time.monotonic(), sum(map(len, chunks)))
+            self.connection.publish_chunks(wire.task_topic(cfg.federation, device_id), chunks, wire.QOS_TASK)
+        log.info("round %d: %d participants: %s", round_, len(participants), ", ".join(participants))
+        outcome = RoundOutcome(bytes_down=sum(t.bytes_down for t in open_tasks.values()))
+        for device_id, task in open_tasks.items():
+            device = self.devices[device_id]
+            outcome.devices[device_id] = {"profile": device.profile, "tier": device.tier, "status": "missed",
+                                          "bytes_down": task.bytes_down, "bytes_up": 0}
+        deadline = time.monotonic() + cfg.round_deadline_s
+        while any(not t.answered for t in open_tasks.values()) and time.monotonic() < deadline:
+            if self._stop.is_set():
+                return None
+            message = self._drain(timeout=0.2)
+            now = time.monotonic()
+            for device_id, task in open_tasks.items():
+                resend = isinstance(message, wire.Hello) and message.device_id == device_id
+                if not task.answered and (resend or now - task.sent_at > cfg.resend_interval_s):
+                    # A fresh message id: receivers drop a repeated id as a transport duplicate, but
+                    # this is a deliberate retry (the device answers it with its cached update).
+                    task.sent_at = now
+                    self.connection.publish_chunks(wire.task_topic(cfg.federation, device_id),
+                                                   wire.encode(task.message, chunk_size=cfg.chunk_size))
+            if isinstance(message, (wire.Update, wire.ErrorReply)):
+                self._answer(round_, message, open_tasks, outcome)
+            elif isinstance(message, wire.Presence) and not message.online:
+                task = open_tasks.get(message.device_id)
+                if task is not None and not task.answered:  # its last will, or it dropped out
+                    task.answered = True
+                    outcome.failed[message.device_id] = "went offline"
+                    log.warning("round %d: %s went offline", round_, message.device_id)
+        for device_id, reason in outcome.failed.items():
+            outcome.devices[device_id]["status"] = "missed" if reason == "went offline" else "failed"
+        for device_id, task in open_tasks.items():
+            if not task.answered:
+                outcome.failed[device_id] = "missed the round deadline"
+                log.warning("round %d: %s missed the deadline (%.0f s)", round_, device_id, cfg.round_deadline_s)
+        return outcome
+
+    def _answer(self, round_: int, message, open_tasks: dict[str, OpenTask], outcome: RoundOutcome) -> None:
+        task = open_tasks.get(message.device_id)
+        if message.round != round_ or task is None:
+            log.info("dropped a late or unsolicited %s from %s for round %s (current round %d)", message.kind,
+                     message.device_id, message.round, round_)
+            return
+        if task.answered:
+            return  # a duplicate of an update already counted
+        task.answered = True
+        if isinstance(message, wire.ErrorReply):
+            outcome.failed[message.device_id] = f"{message.code.name}: {message.message}"
+            log.warning("round %d: %s failed: %s %s", round_, message.device_id, message.code.name, message.message)
+            return
+        update = ClientUpdate(device_id=message.device_id,
+                              params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
+                              slot_map=task.slot_map, num_samples=message.num_samples,
+                              expert_tokens={int(k): np.asarray(v, dtype=np.float64)
+                                             for k, v in message.expert_tokens.items()})
+        tier = self.manifest.tier(message.tier) if message.tier in self.manifest.tiers else None
+        expected = self.space.tier_shapes(list(tier.adapted_layers), tier.experts_held) if tier else {}
+        problems = validate_update(update, expected, self.space.experts) if tier else [f"unknown tier {message.tier!r}"]
+        with self._lock:
+            size = self._bytes_in.pop((message.device_id, round_), 0)
+        if size > self.config.max_update_bytes:
+            problems.append(f"update of {size} bytes exceeds the limit of {self.config.max_update_bytes}")
+        if problems:
+            outcome.failed[message.device_id] = "; ".join(problems)
+            log.warning("round %d: rejected the update of %s: %s", round_, message.device_id, "; ".join(problems))
+            return
+        self.strategy.fold(update)
+        self.devices[message.device_id].history = tokens_by_global_expert(task.slot_map, update.expert_tokens,
+                                                                          self.space.experts)
+        outcome.updates += 1
+        outcome.bytes_up += size
+        outcome.metrics.append(dict(message.metrics))
+        history = self.devices[message.device_id].history
+        outcome.devices[message.device_id].update(
+            status="ok", bytes_up=size, emulated_s=message.metrics.get("emulated_s"),
+            compute_s=message.metrics.get("emulated_compute_s"), transfer_s=message.metrics.get("emulated_transfer_s"),
+            holdout_accuracy=message.metrics.get("holdout_accuracy"),
+            usage={str(layer): counts.tolist() for layer, counts in history.items()})
+
+    def _close(self, round_: int, participants: list[str], outcome: RoundOutcome, attempt: int,
+               wall: float) -> None:
+        new_global, stats = self.strategy.finish()
+        times = [d["emulated_s"] for d in outcome.devices.values() if d.get("emulated_s") is not None]
+        record = {"round": round_, "attempt": attempt, "participants": len(participants), "updates": outcome.updates,
+                  "failed": outcome.failed, "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down,
+                  "wall_round_s": round(wall, 3), "emulated_round_s": max(times) if times else None,
+                  "samples": stats.samples, "clipped": stats.clipped, "devices": outcome.devices,
+                  "usage": {str(k): v.tolist() for k, v in stats.usage_share.items()},
+                  "pseudo_grad_norm": stats.pseudo_grad_norm,
+                  "usage_entropy": float(np.mean(list(stats.usage_entropy.values()))) if stats.usage_entropy else None}
+        for key in ("loss", "accuracy", "holdout_accuracy", "holdout_loss"):
+            values = [m[key] for m in outcome.metrics if key in m]
+            weights = [m.get("holdout_samples" if key.startswith("holdout") else "samples_seen", 1.0)
+                       for m in outcome.metrics if key in m]
+            record[f"device_{key}"] = float(np.average(values, weights=weights)) if values else None
+        if self.evaluate is not None:
+            record.update(self.evaluate(new_global))
+        self.state = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.strategy.optimizer_state(),
+                                 usage={str(k): v.tolist() for k, v in self.strategy.usage.items()},
+                                 backbone_sha256=self.state.backbone_sha256, last_record=record)
+        self.store.commit(self.state)
+        acc = record.get("test_accuracy", record["device_holdout_accuracy"])
+        log.info("round %d done: %d/%d updates, %s accuracy %s, %.1f kB up, %.1f kB down, %.1f s wall%s", round_,
+                 outcome.updates, len(participants), "test" if "test_accuracy" in record else "held-out",
+                 f"{acc:.3f}" if acc is not None else "n/a", outcome.bytes_up / 1e3, outcome.bytes_down / 1e3, wall,
+                 f", {record['emulated_round_s']:.1f} s emulated" if record["emulated_round_s"] is not None else "")
+        usage = {str(k): v.tolist() for k, v in self.strategy.usage.items()}
+        self.connection.publish_chunks(wire.global_topic(self.config.federation),
+                                       wire.encode(wire.GlobalState(round=round_, expert_usage=usage)), wire.QOS_GLOBAL)
