@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.device_config import DeviceConfig
+from edge_runtime.emulation import Emulation, sleep_transfer
 from edge_runtime.local_state import DeviceState, LocalState
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
 from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, take_steps
@@ -38,8 +39,11 @@ class DeviceAgent:
     """One device: a trainer, its local data, its state folder and a broker connection."""
 
     def __init__(self, config: DeviceConfig, trainer: TierTrainer, dataset, state: LocalState,
-                 broker: BrokerConfig):
+                 broker: BrokerConfig, emulation: Emulation | None = None):
         self.config = config
+        self.emulation = emulation
+        self._dropped_round: int | None = None  # emulated dropout: silent until this round closes
+        self._bytes_in: dict[str, int] = {}
         self.trainer = trainer
         self.dataset = dataset
         self.state = state
@@ -49,6 +53,7 @@ class DeviceAgent:
         self._reassembler = wire.Reassembler()
         self._last_upload: wire.Update | None = None  # answered again when its task is repeated
         self._rng = np.random.default_rng(config.seed)
+        self._dropout_rng = np.random.default_rng([config.seed, 1])  # separate: dropouts do not shift batches
         fed, dev = config.federation, config.device_id
         offline = wire.encode(wire.Presence(device_id=dev, online=False, timestamp=0.0))[0]
         self._presence_topic = wire.presence_topic(fed, dev)
@@ -60,6 +65,7 @@ class DeviceAgent:
 
     # -- network thread side -------------------------------------------------------------------
     def _receive(self, topic: str, payload: bytes) -> None:
+        self._bytes_in[topic] = self._bytes_in.get(topic, 0) + len(payload)
         try:
             message = self._reassembler.add(payload, source=topic)
         except wire.WireError as err:
@@ -69,7 +75,7 @@ class DeviceAgent:
                 self._inbox.put(("error", code, str(err)))
             return
         if message is not None:
-            self._inbox.put(("message", message, topic))
+            self._inbox.put(("message", message, self._bytes_in.pop(topic, 0)))
 
     def _announce(self) -> None:
         hello = wire.Hello(device_id=self.config.device_id, profile=self.config.profile, tier=self.config.tier,
@@ -99,16 +105,20 @@ class DeviceAgent:
                 if item[0] == "error":
                     self._reply_error(None, item[1], item[2])
                     continue
-                message = item[1]
+                message, nbytes = item[1], item[2]
                 if isinstance(message, wire.RoundTask):
                     try:
-                        served += self._serve(message)
+                        served += self._serve(message, nbytes)
                     except Exception as err:  # noqa: BLE001 - a task must never kill an unattended device
                         log.exception("round %d: internal error", message.round)
                         self._reply_error(message.round, wire.ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
                 elif isinstance(message, wire.GlobalState):
                     log.debug("global state for round %d", message.round)
                     if message.note == wire.ROLL_CALL:  # the server restarted and lost its registry
+                        self._announce()
+                    elif self._dropped_round is not None and message.round >= self._dropped_round:
+                        log.info("emulated dropout over: back online after round %d", self._dropped_round)
+                        self._dropped_round = None
                         self._announce()
         finally:
             offline = wire.encode(wire.Presence(device_id=self.config.device_id, online=False, timestamp=time.time()))
@@ -120,10 +130,21 @@ class DeviceAgent:
         topic = wire.upload_topic(self.config.federation, self.config.device_id, round_)
         self.connection.publish_chunks(topic, wire.encode(reply), wire.QOS_UPLOAD)
 
-    def _serve(self, task: wire.RoundTask) -> bool:
+    def _serve(self, task: wire.RoundTask, nbytes: int = 0) -> bool:
         cfg = self.config
         if task.device_id != cfg.device_id or task.federation != cfg.federation:
             return False
+        if self._dropped_round == task.round:
+            return False  # emulated dropout: this device is "offline" for the round
+        fresh = self._last_upload is None or self._last_upload.round != task.round
+        if self.emulation is not None and fresh:
+            if self.emulation.drops_out(self._dropout_rng):
+                log.info("round %d: emulated dropout (availability %.2f): offline for this round", task.round,
+                         self.emulation.availability)
+                self._dropped_round = task.round
+                offline = wire.Presence(device_id=cfg.device_id, online=False, timestamp=time.time())
+                self.connection.publish(self._presence_topic, wire.encode(offline)[0], wire.QOS_PRESENCE, retain=True)
+                return False
         if self._last_upload is not None and self._last_upload.round == task.round:
             log.info("round %d: task repeated; re-sending the update already trained", task.round)
             self._upload(task.round, self._encode(self._last_upload, task.upload_dtype))
@@ -139,6 +160,7 @@ class DeviceAgent:
             return False
         log.info("round %d: training %d local steps (lr %.2g, lambda_bal %.3g, lambda_het %.3g)", task.round,
                  task.local_steps, task.learning_rate, task.lambda_bal, task.lambda_het)
+        download_s = sleep_transfer(self.emulation, nbytes, upload=False)
         tier = self.trainer.tier
         batches = take_steps(lambda: self.dataset.batches(tier.batch_size, self._rng), task.local_steps)
         started = time.perf_counter()
@@ -165,6 +187,7 @@ class DeviceAgent:
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
                    "cpu_seconds": result.cpu_seconds, "steps": float(result.steps),
                    "samples_seen": float(result.num_samples)}
+        metrics.update(self._emulated_times(result, download_s, task.upload_dtype))
         if holdout_n:
             metrics.update(holdout_loss=holdout_loss, holdout_accuracy=holdout_acc, holdout_samples=float(holdout_n))
         update = wire.Update(device_id=cfg.device_id, round=task.round, tier=tier.name, params=result.params,
@@ -181,6 +204,7 @@ class DeviceAgent:
             return False
         encode_s = time.perf_counter() - encode_start
         self._last_upload = update
+        sleep_transfer(self.emulation, sum(map(len, chunks)), upload=True)
         self._upload(task.round, chunks)
         log.info("round %d: uploaded %d bytes in %d chunks (encode %.3f s); train loss %.4f acc %.3f%s", task.round,
                  sum(map(len, chunks)), len(chunks), encode_s, result.loss, result.accuracy,
@@ -189,6 +213,17 @@ class DeviceAgent:
                                  rounds_completed=self.saved.rounds_completed + 1)
         self.state.save(self.saved)
         return True
+
+    def _emulated_times(self, result, download_s: float, upload_dtype: str) -> dict[str, float]:
+        """Emulated compute and transfer seconds of this round (wall time without emulation)."""
+        if self.emulation is None:
+            return {"emulated_compute_s": result.train_seconds, "emulated_transfer_s": 0.0,
+                    "emulated_s": result.train_seconds}
+        itemsize = 2 if upload_dtype == "float16" else 4
+        upload_bytes = sum(a.size * itemsize for a in result.params.values())
+        compute = self.emulation.compute_seconds(result.cpu_seconds, self.trainer.threads)
+        transfer = download_s + self.emulation.transfer_seconds(upload_bytes, upload=True)
+        return {"emulated_compute_s": compute, "emulated_transfer_s": transfer, "emulated_s": compute + transfer}
 
     def _encode(self, update: wire.Update, dtype: str) -> list[bytes]:
         """Chunks with a fresh message id: a re-sent update is a new message to the receiver's

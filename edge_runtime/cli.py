@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--chunk-size", type=int, help="MQTT payload size in bytes (default 262144)")
     run.add_argument("--max-rounds", type=int, help="exit after serving this many rounds (default: run forever)")
+    run.add_argument("--emulate", metavar="PROFILE", help="emulate a hardware profile (a name from `fftmoe profiles` "
+                     "or a profile TOML file): threads, memory ceiling, link, availability, emulated time")
+    run.add_argument("--host-core-gflops", type=float, help="calibrated speed of one host core (emulation; "
+                     "`fftmoe profiles` measures it)")
+    run.add_argument("--memory-limit-mb", type=float, help="override the emulated memory ceiling")
     run.add_argument("--log-level", default="INFO")
     probe = sub.add_parser("probe", help="verify a tier's artifacts and measure one training step on this device")
     probe.add_argument("--artifacts", required=True, help="export folder (with manifest.json)")
@@ -72,22 +77,36 @@ def _run(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from edge_runtime import agent
     from edge_runtime.device_config import DeviceConfigError, load_device_config
+    from edge_runtime.emulation import EmulationError, MemoryWatchdog
     from edge_runtime.local_data import LocalDataError, LocalDataset, TextEncoder
     from edge_runtime.local_state import LocalState, StateFileError
     from edge_runtime.manifest import ArtifactIntegrityError, ManifestError
     from edge_runtime.mqtt import BrokerConfig, BrokerConfigError
     from edge_runtime.trainer import TierTrainer
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "max_rounds", "log_level")}
+    local = ("command", "config", "max_rounds", "log_level", "emulate", "host_core_gflops", "memory_limit_mb")
+    overrides = {k: v for k, v in vars(args).items() if k not in local}
+    emulation = None
     try:
+        if args.emulate:
+            emulation = _emulation(args)
+            overrides["threads"] = emulation.threads(args.threads or 2)
+            overrides["profile"] = overrides.get("profile") or emulation.profile
         config = load_device_config(args.config, overrides)
         broker = BrokerConfig.from_url(config.broker, ca_file=config.ca_file, cert_file=config.cert_file,
                                        key_file=config.key_file, username=config.username,
                                        password=config.password())
-    except (DeviceConfigError, BrokerConfigError) as err:
+    except (DeviceConfigError, BrokerConfigError, EmulationError) as err:
         return _fail(str(err), agent.EXIT_CONFIG)
+    if emulation is not None:
+        MemoryWatchdog(emulation.memory_limit_mb).start()
+        logging.getLogger("fftmoe.device").info(
+            "emulating %s: %d threads, %.0f MB memory, %.3g GFLOPS/core (host %.3g), links %g/%g Mbps, %g ms, "
+            "availability %.2f", emulation.profile, config.threads, emulation.memory_limit_mb, emulation.core_gflops,
+            emulation.host_core_gflops, emulation.uplink_mbps, emulation.downlink_mbps, emulation.latency_ms,
+            emulation.availability)
     try:
-        trainer = TierTrainer(config.artifacts, config.tier, threads=config.threads)
+        trainer = TierTrainer(config.artifacts, config.tier, threads=config.threads, spinning=emulation is None)
     except (ManifestError, ArtifactIntegrityError) as err:
         return _fail(str(err), agent.EXIT_ARTIFACTS)
     try:
@@ -98,11 +117,32 @@ def _run(args) -> int:
     except LocalDataError as err:
         return _fail(str(err), agent.EXIT_DATA)
     try:
-        device = agent.DeviceAgent(config, trainer, dataset, LocalState(config.state_dir), broker)
+        device = agent.DeviceAgent(config, trainer, dataset, LocalState(config.state_dir), broker, emulation)
     except StateFileError as err:
         return _fail(str(err), agent.EXIT_STATE)
     agent.install_signal_handlers(device)
     return device.run(max_rounds=args.max_rounds)
+
+
+def _emulation(args):
+    """The Emulation for --emulate NAME|FILE. Built-in names are files of the hw_profiles package,
+    located without importing it (the device runtime imports nothing of fftmoe outside itself)."""
+    import importlib.util
+    from pathlib import Path
+
+    from edge_runtime.emulation import Emulation, EmulationError
+
+    path = Path(args.emulate)
+    if not path.suffix:
+        spec = importlib.util.find_spec("hw_profiles")
+        folders = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+        path = Path(folders[0]) / "profiles" / f"{args.emulate}.toml" if folders else path
+    if not path.is_file():
+        raise EmulationError(f"no hardware profile {args.emulate!r} (see `fftmoe profiles`, or give a TOML file)")
+    if args.host_core_gflops is None:
+        raise EmulationError("--emulate needs --host-core-gflops (the speed of one host core; `fftmoe profiles` "
+                             "prints it)")
+    return Emulation.from_profile_file(path, args.host_core_gflops, args.memory_limit_mb)
 
 
 def _probe(args) -> int:
