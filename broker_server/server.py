@@ -135,6 +135,15 @@ class AggregationServer:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopped(self) -> bool:
+        """True once `run` has returned (or is returning)."""
+        return self._stop.is_set()
+
+    def usage(self) -> dict[str, list[float]]:
+        """The fleet's expert usage EMA: layer -> share per global expert."""
+        return {str(k): v.tolist() for k, v in self.strategy.usage.items()}
+
     def run(self) -> int:
         self.connection.start()
         if not self.connection.wait_connected(timeout=30):
@@ -144,6 +153,7 @@ class AggregationServer:
             while not self._stop.is_set() and (self.config.rounds == 0 or self.state.round < self.config.rounds):
                 self._run_round()
         finally:
+            self._stop.set()
             self.connection.stop()
         return 0
 

@@ -221,7 +221,7 @@ class DeviceAgent:
                     "emulated_s": result.train_seconds}
         itemsize = 2 if upload_dtype == "float16" else 4
         upload_bytes = sum(a.size * itemsize for a in result.params.values())
-        compute = self.emulation.compute_seconds(result.cpu_seconds, self.trainer.threads)
+        compute = self.emulation.compute_seconds(result.cpu_seconds, self.emulation.cpu_cores)  # the device's cores
         transfer = download_s + self.emulation.transfer_seconds(upload_bytes, upload=True)
         return {"emulated_compute_s": compute, "emulated_transfer_s": transfer, "emulated_s": compute + transfer}
 

@@ -15,7 +15,10 @@ COMMANDS = {
     "export": ("export.cli", "export a frozen encoder + MoE adapters to ORT training artifacts per tier", "export"),
     "device": ("edge_runtime.cli", "run a device: join a federation and train on local data (torch-free)", "edge"),
     "serve": ("broker_server.cli", "run the aggregation server (embedded MQTT broker unless --broker)", "server"),
+    "run": ("hw_profiles.run", "emulate a heterogeneous federation on this machine (the main job)", "all"),
+    "predict": ("edge_runtime.predict", "classify texts with the model a run produced", "edge"),
     "bench": ("fftmoe.bench", "benchmarks: train-step, aggregate", "export"),
+    "profiles": ("hw_profiles.cli", "list device profiles and the tier each maps to", "edge"),
 }
 
 EXIT_USAGE = 2

@@ -1,0 +1,241 @@
+"""`fftmoe run`: a whole heterogeneous federation on one machine, with the real components.
+
+Steps: export the model (cached by content hash, in a subprocess so torch never sits in this
+process), partition the dataset into one CSV per device plus a global test split, start the
+embedded broker, start one `fftmoe device run --emulate PROFILE` process per fleet member (each
+with its profile's threads, memory ceiling, link and availability), then run the real aggregation
+server in this process with a hook that measures test accuracy of the global model after every
+round. It ends with the final global adapter, a ready-to-serve ONNX model, a report with plots and
+a plain summary, all in the run folder. The server and devices are the ones `fftmoe serve` and
+`fftmoe device` run; nothing here stands in for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("fftmoe.run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hw_profiles.fleet import DEFAULT_FLEET
+
+    p = argparse.ArgumentParser(prog="fftmoe run", description="Emulate a heterogeneous FFT-MoE federation on this "
+                                "machine: export, partition, broker, server and one process per device.")
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="backbone (default all-MiniLM-L6-v2, offline)")
+    p.add_argument("--tiers", type=Path, help="tiers TOML (default: the built-in four tiers)")
+    p.add_argument("--artifacts", type=Path, help="use this export instead of the cached one")
+    p.add_argument("--cache", type=Path, default=Path("artifacts/cache"), help="export cache folder")
+    p.add_argument("--dataset", default="bbcnews", help="built-in name or a CSV / JSON Lines / Parquet file")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--fleet", default=DEFAULT_FLEET, help=f"PROFILE:COUNT,... or a TOML file (default {DEFAULT_FLEET})")
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="dirichlet")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (default 0.5)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-steps", type=int, default=20)
+    p.add_argument("--round-budget-s", type=float, default=45.0,
+                   help="emulated seconds of local training a round may take; picks each device's tier with its "
+                        "memory (default 45)")
+    p.add_argument("--learning-rate", type=float, default=3e-3)
+    p.add_argument("--lambda-bal", type=float, default=0.01)
+    p.add_argument("--lambda-het", type=float, default=0.01)
+    p.add_argument("--upload-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--round-deadline-s", type=float, default=600.0, help="host wall-clock deadline per round")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run folder (default: a new folder under runs/)")
+    p.add_argument("--port", type=int, default=0, help="embedded broker port (default: any free port)")
+    p.add_argument("--memory-limit-mb", type=float, help="override every device's memory ceiling (testing)")
+    return p
+
+
+def _step(message: str) -> None:
+    print(f"[run] {message}", file=sys.stderr, flush=True)
+
+
+def export_cached(args) -> Path:
+    """The export for (model, tiers, labels, seed, fftmoe version), made once and reused."""
+    from hw_profiles.partition import load_dataset
+
+    if args.artifacts is not None:
+        return args.artifacts
+    labels = load_dataset(args.dataset, args.text_column, args.label_column).label_names
+    tiers_text = args.tiers.read_text(encoding="utf-8") if args.tiers else "default"
+    key = hashlib.sha256(json.dumps([args.model, tiers_text, list(labels), args.seed, version("fftmoe")]).encode())
+    folder = args.cache / key.hexdigest()[:16]
+    if (folder / "manifest.json").is_file():
+        _step(f"export: cached at {folder}")
+        return folder
+    _step(f"export: {args.model} -> {folder} (first run only)")
+    cmd = [sys.executable, "-m", "fftmoe.cli", "export", "--model", args.model, "--out", str(folder),
+           "--labels", ",".join(labels), "--seed", str(args.seed)] + (["--tiers", str(args.tiers)] if args.tiers else [])
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError("the export failed (see above)")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from hw_profiles.fleet import FleetError, parse_fleet
+    from hw_profiles.partition import PartitionError
+    from hw_profiles.profiles import ProfileError
+
+    try:
+        fleet = parse_fleet(args.fleet)
+        return _run(args, fleet)
+    except (FleetError, PartitionError, ProfileError, RuntimeError) as err:
+        print(f"fftmoe run: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args, fleet) -> int:
+    from broker_server.config import ServerConfig
+    from broker_server.embedded_broker import EmbeddedBroker
+    from broker_server.server import AggregationServer
+    from broker_server.state import StateStore
+    from edge_runtime.manifest import load_manifest
+    from edge_runtime.mqtt import BrokerConfig
+    from hw_profiles.global_model import GlobalModel
+    from hw_profiles.partition import load_dataset, partition, skew, split_test, write_shards
+    from hw_profiles.profiles import calibrate_host_core_gflops, load_profile, profile_path, tier_for
+    from hw_profiles.report import summary_lines, write_report
+
+    started = time.perf_counter()
+    run_dir = args.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(export_cached(args))
+    host_gflops = calibrate_host_core_gflops()
+    _step(f"host calibration: {host_gflops:.2f} GFLOPS per core (float32 matmul)")
+
+    members = []
+    for m in fleet:
+        profile = load_profile(m.profile)
+        tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
+                                 local_steps=args.local_steps)
+        if tier is None:
+            raise RuntimeError(f"{m.device_id} ({m.profile}): no exported tier fits: {'; '.join(reasons)}")
+        members.append((m, profile, tier))
+
+    dataset = load_dataset(args.dataset, args.text_column, args.label_column)
+    train_idx, test_idx = split_test(dataset, args.test_fraction, args.seed)
+    train_labels = [dataset.labels[i] for i in train_idx]
+    shards = partition(train_labels, len(members), args.partition, alpha=args.alpha, seed=args.seed)
+    paths = write_shards(dataset, train_idx, shards, test_idx, run_dir / "data", [m.device_id for m, _, _ in members],
+                         scheme=args.partition, alpha=args.alpha, seed=args.seed)
+    label_skew = skew(shards, train_labels)
+    _step(f"data: {dataset.source}, {len(train_idx)} training samples over {len(members)} devices "
+          f"({args.partition}{f' alpha={args.alpha}' if args.partition == 'dirichlet' else ''}, label skew "
+          f"TV {label_skew['mean_tv']:.2f}), {len(test_idx)} held-out test samples")
+    fleet_info = {"devices": [{"device_id": m.device_id, "profile": m.profile, "tier": tier,
+                               "train_samples": int(len(shard))} for (m, _, tier), shard in zip(members, shards)],
+                  "experts": manifest.experts, "layers": sorted({p.layer for p in manifest.global_params
+                                                                   if p.layer is not None}),
+                  "labels": list(manifest.labels), "method": "fft-moe", "dataset": dataset.source,
+                  "partition": f"dirichlet({args.alpha})" if args.partition == "dirichlet" else "iid",
+                  "host_core_gflops": host_gflops}
+    (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
+    for d in fleet_info["devices"]:
+        _step(f"  {d['device_id']}: {d['profile']:<12} tier {d['tier']:<7} {d['train_samples']} samples")
+
+    broker = EmbeddedBroker(port=args.port).start()
+    devices: dict[str, subprocess.Popen] = {}
+    logs = run_dir / "devices"
+    logs.mkdir(exist_ok=True)
+    try:
+        for index, (m, profile, tier) in enumerate(members):
+            cmd = [sys.executable, "-m", "fftmoe.cli", "device", "run", "--device-id", m.device_id,
+                   "--artifacts", str(manifest.root), "--tier", tier, "--data", str(paths[m.device_id]),
+                   "--broker", broker.url, "--federation", "run", "--state-dir", str(logs / f"{m.device_id}-state"),
+                   "--emulate", str(profile_path(m.profile)), "--host-core-gflops", f"{host_gflops:.4f}",
+                   "--seed", str(args.seed * 1000 + index), "--holdout-fraction", "0.2"]  # own batches, dropouts
+            if args.memory_limit_mb is not None:
+                cmd += ["--memory-limit-mb", str(args.memory_limit_mb)]
+            devices[m.device_id] = subprocess.Popen(cmd, stdout=open(logs / f"{m.device_id}.log", "w"),
+                                                    stderr=subprocess.STDOUT)
+        alive = _wait_until_loaded(devices, logs)
+        if not alive:
+            raise RuntimeError(f"every device failed to start; see {logs}")
+        _step(f"{len(alive)} of {len(devices)} devices up; running {args.rounds} rounds")
+        config = ServerConfig(artifacts=str(manifest.root), state_dir=str(run_dir / "state"), federation="run",
+                              rounds=args.rounds, min_devices=len(alive), min_updates=1,
+                              round_deadline_s=args.round_deadline_s, local_steps=args.local_steps,
+                              learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
+                              lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed)
+        global_model = GlobalModel(manifest, paths["test"])
+        server = AggregationServer(config, manifest, StateStore(config.state_dir),
+                                   BrokerConfig(port=broker.port),
+                                   evaluate=lambda arrays: global_model.evaluate(arrays, server.usage()))
+        watcher = threading.Thread(target=_watch_devices, args=(devices, server), daemon=True)
+        watcher.start()
+        server.run()
+        state = StateStore(config.state_dir).load()
+    finally:
+        for process in devices.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in devices.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        broker.stop()
+    exits = {d: p.returncode for d, p in devices.items()}
+    fleet_info["exit_codes"] = exits
+    (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
+    (run_dir / "metrics.jsonl").write_text((run_dir / "state" / "metrics.jsonl").read_text())
+    np.savez(run_dir / "global_adapter.npz", **state.global_arrays)
+    model = global_model.export(state.global_arrays, run_dir / "model", state.usage)
+    write_report(run_dir)
+    print("\n".join(summary_lines(run_dir)))
+    oom = [d for d, code in exits.items() if code == 137]
+    if oom:
+        print(f"out-of-memory kills (emulated): {', '.join(oom)}")
+    print(f"run folder: {run_dir}  (report: {run_dir / 'report.html'}; model: {model}; "
+          f"total wall time {time.perf_counter() - started:.0f} s)")
+    print(f"try: fftmoe predict --model {model} \"Shares rose after the bank reported record profits\"")
+    return 0
+
+
+def _wait_until_loaded(devices: dict[str, subprocess.Popen], logs: Path, timeout: float = 300.0) -> list[str]:
+    """Devices whose agent is up (its log says it is joining), skipping those that died."""
+    deadline = time.monotonic() + timeout
+    pending = set(devices)
+    while pending and time.monotonic() < deadline:
+        for device_id in sorted(pending):
+            text = (logs / f"{device_id}.log").read_text(errors="replace")
+            if "joining federation" in text:
+                pending.discard(device_id)
+            elif devices[device_id].poll() is not None:
+                _step(f"{device_id} exited with code {devices[device_id].returncode} before joining: "
+                      f"{text.strip().splitlines()[-1] if text.strip() else 'no output'}")
+                pending.discard(device_id)
+        time.sleep(0.1)
+    return [d for d, p in devices.items() if p.poll() is None]
+
+
+def _watch_devices(devices: dict[str, subprocess.Popen], server) -> None:
+    """Log device processes that die during the run (an emulated OOM kill exits with 137)."""
+    reported = set()
+    while not server.stopped:
+        for device_id, process in devices.items():
+            code = process.poll()
+            if code is not None and device_id not in reported:
+                reported.add(device_id)
+                what = "killed: emulated out of memory" if code == 137 else f"exited with code {code}"
+                _step(f"{device_id} {what}")
+        time.sleep(0.5)
