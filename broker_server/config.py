@@ -38,7 +38,7 @@ class ServerConfig:
     min_participants: int = 1  # at least this many sampled (if online)
     min_updates: int = 1  # updates needed to aggregate; fewer and the round is retried
     round_deadline_s: float = 300.0
-    resend_interval_s: float = 5.0  # open tasks are re-sent at this interval until answered
+    resend_interval_s: float = 30.0  # open tasks are re-sent at this interval (and on a Hello) until answered
     max_attempts: int = 3  # tries per round before waiting for more devices
     local_steps: int = 20
     learning_rate: float = 1e-3

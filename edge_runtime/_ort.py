@@ -32,6 +32,11 @@ def _load_training_api():
         shim.__path__ = [f"{ort_dir}/training"]
         shim.__package__ = "onnxruntime.training"
         sys.modules["onnxruntime.training"] = shim
+        # onnxruntime's import-time build validation tries `onnxruntime.training.ortmodule`, which
+        # imports torch when it is installed (an emulated device on a workstation): ~250 MB of RSS
+        # a real device never has. A None entry makes that import fail fast; the validation
+        # expects and handles the ImportError. Devices never use ORTModule.
+        sys.modules.setdefault("onnxruntime.training.ortmodule", None)
     try:
         from onnxruntime.training import api  # noqa: PLC0415
     except ImportError as err:
@@ -70,6 +75,22 @@ def session_options(threads: int, spinning: bool = True) -> "onnxruntime.Session
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
+
+
+def release_memory() -> None:
+    """Hand memory that ORT freed back to the OS (glibc keeps freed arenas mapped otherwise).
+
+    Rebuilding the training session each round (to reset AdamW) would otherwise grow the resident
+    size by one session per round on glibc systems, which is what a memory-capped device sees.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def copy_buffer_to_parameters(module, flat) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.device_config import DeviceConfig
-from edge_runtime.emulation import Emulation, sleep_transfer
+from edge_runtime.emulation import Emulation, peak_resident_mb, sleep_transfer
 from edge_runtime.local_state import DeviceState, LocalState
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
 from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, take_steps
@@ -52,6 +52,7 @@ class DeviceAgent:
         self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
         self._last_upload: wire.Update | None = None  # answered again when its task is repeated
+        self._uploaded_at = 0.0  # monotonic time the last upload was acknowledged
         self._rng = np.random.default_rng(config.seed)
         self._dropout_rng = np.random.default_rng([config.seed, 1])  # separate: dropouts do not shift batches
         fed, dev = config.federation, config.device_id
@@ -75,7 +76,7 @@ class DeviceAgent:
                 self._inbox.put(("error", code, str(err)))
             return
         if message is not None:
-            self._inbox.put(("message", message, self._bytes_in.pop(topic, 0)))
+            self._inbox.put(("message", message, self._bytes_in.pop(topic, 0), time.monotonic()))
 
     def _announce(self) -> None:
         hello = wire.Hello(device_id=self.config.device_id, profile=self.config.profile, tier=self.config.tier,
@@ -105,10 +106,10 @@ class DeviceAgent:
                 if item[0] == "error":
                     self._reply_error(None, item[1], item[2])
                     continue
-                message, nbytes = item[1], item[2]
+                message, nbytes, arrived = item[1], item[2], item[3]
                 if isinstance(message, wire.RoundTask):
                     try:
-                        served += self._serve(message, nbytes)
+                        served += self._serve(message, nbytes, arrived)
                     except Exception as err:  # noqa: BLE001 - a task must never kill an unattended device
                         log.exception("round %d: internal error", message.round)
                         self._reply_error(message.round, wire.ErrorCode.INTERNAL, f"{type(err).__name__}: {err}")
@@ -130,7 +131,7 @@ class DeviceAgent:
         topic = wire.upload_topic(self.config.federation, self.config.device_id, round_)
         self.connection.publish_chunks(topic, wire.encode(reply), wire.QOS_UPLOAD)
 
-    def _serve(self, task: wire.RoundTask, nbytes: int = 0) -> bool:
+    def _serve(self, task: wire.RoundTask, nbytes: int = 0, arrived: float = 0.0) -> bool:
         cfg = self.config
         if task.device_id != cfg.device_id or task.federation != cfg.federation:
             return False
@@ -146,6 +147,8 @@ class DeviceAgent:
                 self.connection.publish(self._presence_topic, wire.encode(offline)[0], wire.QOS_PRESENCE, retain=True)
                 return False
         if self._last_upload is not None and self._last_upload.round == task.round:
+            if arrived < self._uploaded_at:
+                return False  # a repeat sent while we were still training: the upload answered it
             log.info("round %d: task repeated; re-sending the update already trained", task.round)
             self._upload(task.round, self._encode(self._last_upload, task.upload_dtype))
             return False
@@ -188,6 +191,7 @@ class DeviceAgent:
                    "cpu_seconds": result.cpu_seconds, "steps": float(result.steps),
                    "samples_seen": float(result.num_samples)}
         metrics.update(self._emulated_times(result, download_s, task.upload_dtype))
+        metrics["peak_rss_mb"] = peak_resident_mb()
         if holdout_n:
             metrics.update(holdout_loss=holdout_loss, holdout_accuracy=holdout_acc, holdout_samples=float(holdout_n))
         update = wire.Update(device_id=cfg.device_id, round=task.round, tier=tier.name, params=result.params,
@@ -205,9 +209,12 @@ class DeviceAgent:
         encode_s = time.perf_counter() - encode_start
         self._last_upload = update
         sleep_transfer(self.emulation, sum(map(len, chunks)), upload=True)
+        publish_start = time.perf_counter()
         self._upload(task.round, chunks)
-        log.info("round %d: uploaded %d bytes in %d chunks (encode %.3f s); train loss %.4f acc %.3f%s", task.round,
-                 sum(map(len, chunks)), len(chunks), encode_s, result.loss, result.accuracy,
+        publish_s = time.perf_counter() - publish_start
+        log.info("round %d: uploaded %d bytes in %d chunks (encode %.3f s, publish %.3f s, training %.2f s); "
+                 "train loss %.4f acc %.3f%s", task.round, sum(map(len, chunks)), len(chunks), encode_s, publish_s,
+                 result.train_seconds, result.loss, result.accuracy,
                  f", held-out acc {holdout_acc:.3f}" if holdout_n else "")
         self.saved = DeviceState(device_id=cfg.device_id, tier=cfg.tier, last_round_seen=task.round,
                                  rounds_completed=self.saved.rounds_completed + 1)
@@ -237,6 +244,7 @@ class DeviceAgent:
         while not self._stop.is_set():
             if self.connection.wait_connected(timeout=1.0) and self.connection.publish_chunks(topic, chunks,
                                                                                                wire.QOS_UPLOAD):
+                self._uploaded_at = time.monotonic()
                 return
             log.warning("round %d: upload interrupted; re-sending when the broker is back", round_)
 

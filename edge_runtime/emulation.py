@@ -89,16 +89,36 @@ class Emulation:
         return bool(rng.random() >= self.availability)
 
 
-def resident_mb() -> float:
-    """Current resident set size of this process in MB (Linux /proc; 0 where unavailable)."""
+def _status_mb(field: str) -> float | None:
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def resident_mb() -> float:
+    """Current resident set size of this process in MB (Linux /proc; 0 where unavailable)."""
+    return _status_mb("VmRSS:") or 0.0
+
+
+def peak_resident_mb() -> float:
+    """Peak resident set size of this process in MB.
+
+    On Linux this reads VmHWM, the high-water mark of the current address space. `ru_maxrss` is
+    not used there because Linux carries it over from the parent across fork and exec, so a probe
+    started by a 1.5 GB export process would report 1.5 GB.
+    """
+    peak = _status_mb("VmHWM:")
+    if peak is not None:
+        return peak
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1 << 20) if sys.platform == "darwin" else maxrss / 1024
 
 
 class MemoryWatchdog:

@@ -2,7 +2,8 @@
 
 `python -m edge_runtime.step_probe TIER_DIR --batch B --seq T --vocab V --het-shape L,M` loads the
 tier's checkpoint, training / eval / optimizer models, runs one warm-up step and `--steps` timed
-steps of random tokens, and prints one JSON line: `peak_rss_mb`, `step_ms` (median), `load_s`,
+steps of random tokens, and prints one JSON line: `peak_rss_mb`, `step_ms` (median wall),
+`step_cpu_ms` (median process CPU time: the work, whatever else the host is doing), `load_s`,
 `threads`. With `--forbid-torch` any import of torch, transformers or onnx fails, which proves the
 numbers are those of a torch-free process. The export runs it in a subprocess for its summary and
 the manifest; it is not the device trainer.
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -28,24 +28,6 @@ class _ForbidImports(importlib.abc.MetaPathFinder):
         if fullname.split(".")[0] in FORBIDDEN:
             raise ImportError(f"{fullname} must not be imported on a device (torch-free runtime)")
         return None
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MB.
-
-    On Linux this reads VmHWM, the high-water mark of the current address space. `ru_maxrss` is
-    not used there because Linux carries it over from the parent across fork and exec, so a probe
-    started by a 1.5 GB export process would report 1.5 GB.
-    """
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
     from edge_runtime import _ort
+    from edge_runtime.emulation import peak_resident_mb
 
     started = time.perf_counter()
     tier = args.tier_dir
     state = _ort.CheckpointState.load_checkpoint(f"{tier}/checkpoint")
+    # Spinning off, so the process CPU time per step measures the work (emulation scales it).
     module = _ort.Module(f"{tier}/training_model.onnx", state, f"{tier}/eval_model.onnx",
-                         session_options=_ort.session_options(args.threads))
+                         session_options=_ort.session_options(args.threads, spinning=False))
     optimizer = _ort.Optimizer(f"{tier}/optimizer_model.onnx", module)
     load_s = time.perf_counter() - started
 
@@ -83,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
               np.array(0.01, dtype=np.float32), np.array(0.01, dtype=np.float32),
               np.full((layers, experts), 1.0 / experts, dtype=np.float32)]
     module.train()
-    times = []
+    times, cpu_times = [], []
     for step in range(args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         module(*inputs)
         optimizer.step()
         module.lazy_reset_grad()
         if step:  # the first step includes lazy allocation; not a steady-state number
             times.append(time.perf_counter() - t0)
-    print(json.dumps({"peak_rss_mb": round(peak_rss_mb(), 1), "step_ms": round(1000 * statistics.median(times), 2),
+            cpu_times.append(time.process_time() - c0)
+    print(json.dumps({"peak_rss_mb": round(peak_resident_mb(), 1), "step_ms": round(1000 * statistics.median(times), 2),
+                      "step_cpu_ms": round(1000 * statistics.median(cpu_times), 2),
                       "load_s": round(load_s, 3), "threads": args.threads,
                       "torch_imported": any(m.split(".")[0] == "torch" for m in sys.modules)}))
     return 0

@@ -65,6 +65,7 @@ class TierTrainer:
     def _load(self) -> None:
         """(Re)build state, module and optimizer from the tier's files: fresh AdamW moments."""
         self._module = self._optimizer = self._state = None  # free the old session first
+        _ort.release_memory()
         self._state = _ort.CheckpointState.load_checkpoint(str(self.folder / "checkpoint"))
         self._module = _ort.Module(str(self.folder / "training_model.onnx"), self._state,
                                    str(self.folder / "eval_model.onnx"),

@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=20)
-    p.add_argument("--round-budget-s", type=float, default=45.0,
+    p.add_argument("--round-budget-s", type=float, default=30.0,
                    help="emulated seconds of local training a round may take; picks each device's tier with its "
-                        "memory (default 45)")
+                        "memory (default 30)")
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--lambda-bal", type=float, default=0.01)
     p.add_argument("--lambda-het", type=float, default=0.01)
@@ -127,8 +127,14 @@ def _run(args, fleet) -> int:
         profile = load_profile(m.profile)
         tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
                                  local_steps=args.local_steps)
-        if tier is None:
-            raise RuntimeError(f"{m.device_id} ({m.profile}): no exported tier fits: {'; '.join(reasons)}")
+        if tier is None:  # too slow for the budget: the smallest tier that fits in memory, as a straggler
+            fitting = [t for t in sorted(manifest.tiers.values(), key=lambda t: sum(np.prod(p.shape) for p in t.params))
+                       if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * 0.8]
+            if not fitting:
+                raise RuntimeError(f"{m.device_id} ({m.profile}): no exported tier fits: {'; '.join(reasons)}")
+            tier = fitting[0].name
+            _step(f"{m.device_id} ({m.profile}) is too slow for a {args.round_budget_s:.0f} s round in any tier; "
+                  f"it gets the smallest, {tier}, and will be the straggler")
         members.append((m, profile, tier))
 
     dataset = load_dataset(args.dataset, args.text_column, args.label_column)
