@@ -145,10 +145,12 @@ def emulated_step_seconds(profile: Profile, tier: TierEntry, host_core_gflops: f
                           threads: int | None = None) -> float:
     """One training step of `tier` on the profile's device: the export host's measured work
     (step_ms x threads x host core GFLOPS, assuming linear thread scaling) over the device's cores in use."""
-    measured_s = float(tier.measured["step_ms"]) / 1000
-    measured_threads = float(tier.measured["threads"])
+    if "step_cpu_ms" in tier.measured:  # CPU time is the work itself, unaffected by other load on the host
+        work_s = float(tier.measured["step_cpu_ms"]) / 1000
+    else:  # older manifests: wall time x threads
+        work_s = float(tier.measured["step_ms"]) / 1000 * float(tier.measured["threads"])
     used = min(profile.cpu_cores, threads or profile.cpu_cores)
-    return measured_s * measured_threads * host_core_gflops / (profile.core_gflops * used)
+    return work_s * host_core_gflops / (profile.core_gflops * used)
 
 
 def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None = None, local_steps: int = 20,
