@@ -5,14 +5,10 @@ Unknown keys and bad values fail with the key and the source. This module holds 
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from edge_runtime.config_file import load_config, read_secret
 
 
 class ServerConfigError(ValueError):
@@ -76,44 +72,9 @@ class ServerConfig:
                 raise ServerConfigError(message)
 
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return Path(self.password_file).read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise ServerConfigError(f"password_file {self.password_file}: {err.strerror}") from err
-
-
-_TYPES = {f.name: f.type for f in fields(ServerConfig)}
+        return read_secret(self.password_file, ServerConfigError)
 
 
 def load_server_config(path: str | Path | None, overrides: dict) -> ServerConfig:
     """Read an optional TOML file, apply non-None overrides, validate."""
-    values: dict = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        try:
-            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise ServerConfigError(f"cannot read server config {path}: {err.strerror}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ServerConfigError(f"{path}: not valid TOML: {err}") from err
-        unknown = set(values) - set(_TYPES)
-        if unknown:
-            raise ServerConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TYPES)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if "artifacts" not in values:
-        raise ServerConfigError(f"{source}: missing required setting 'artifacts' (--artifacts DIR)")
-    for key, value in values.items():
-        want = _TYPES[key].replace(" | None", "")
-        ok = (isinstance(value, bool) if want == "bool" else
-              isinstance(value, int) and not isinstance(value, bool) if want == "int" else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if want == "float" else
-              isinstance(value, str))
-        if not ok:
-            raise ServerConfigError(f"{source}: {key} = {value!r} has the wrong type (expected {want})")
-    try:
-        return ServerConfig(**values)
-    except ServerConfigError as err:
-        raise ServerConfigError(f"{source}: {err}") from err
+    return load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config")

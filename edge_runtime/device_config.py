@@ -20,15 +20,10 @@ or train; `agent.py` does.
 
 from __future__ import annotations
 
-import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
+from edge_runtime.config_file import load_config, read_secret
 from edge_runtime.wire import TopicError, validate_id
 
 
@@ -77,49 +72,13 @@ class DeviceConfig:
             raise DeviceConfigError(f"chunk_size = {self.chunk_size} is too small (at least 1024 bytes)")
 
     def password(self) -> str | None:
-        if self.password_file is None:
-            return None
-        try:
-            return Path(self.password_file).read_text(encoding="utf-8").strip()
-        except OSError as err:
-            raise DeviceConfigError(f"password_file {self.password_file}: {err.strerror}") from err
-
-
-_TYPES = {f.name: f.type for f in fields(DeviceConfig)}
+        return read_secret(self.password_file, DeviceConfigError)
 
 
 def load_device_config(path: str | Path | None, overrides: dict) -> DeviceConfig:
     """Read a TOML file (optional) and apply non-None overrides; validate everything."""
-    values: dict = {}
-    source = "command line"
-    if path is not None:
-        source = str(path)
-        try:
-            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as err:
-            raise DeviceConfigError(f"cannot read device config {path}: {err.strerror}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise DeviceConfigError(f"{path}: not valid TOML: {err}") from err
-        unknown = set(values) - set(_TYPES)
-        if unknown:
-            raise DeviceConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TYPES)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    missing = [k for k in ("device_id", "artifacts", "tier", "data") if k not in values]
-    if missing:
-        raise DeviceConfigError(f"{source}: missing required setting(s) {missing} (flags --device-id, "
-                                "--artifacts, --tier, --data or keys in --config)")
-    for key, value in values.items():
-        want = _TYPES[key]
-        ok = (isinstance(value, bool) if "bool" in want else
-              isinstance(value, int) and not isinstance(value, bool) if want == "int" else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if want == "float" else
-              isinstance(value, str))
-        if not ok:
-            raise DeviceConfigError(f"{source}: {key} = {value!r} has the wrong type (expected {want})")
-    try:
-        return DeviceConfig(**values)
-    except DeviceConfigError as err:
-        raise DeviceConfigError(f"{source}: {err}") from err
+    return load_config(DeviceConfig, path, overrides, ("device_id", "artifacts", "tier", "data"), DeviceConfigError,
+                       "device config")
 
 
 __all__ = ["DeviceConfig", "DeviceConfigError", "load_device_config", "replace"]

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.manifest import MANIFEST_NAME, load_manifest
     from export.artifacts import probe_tier
     from export.backbone import load_backbone
-    from export.cli import format_table
+    from fftmoe.tables import format_table
     from export.tiers import Tier
 
     if not (args.artifacts / MANIFEST_NAME).is_file():

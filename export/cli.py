@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from fftmoe.tables import format_table
+
 EXIT_USAGE = 2
 
 
@@ -77,14 +79,6 @@ def summary_table(manifest) -> str:
                      f"{trainable:,}", f"{train_mb:.1f}", f"{t.files['inference_model'].bytes / 1e6:.1f}",
                      f"{t.measured['peak_rss_mb']:.0f}", f"{t.measured['step_ms']:.0f}"))
     return format_table(headers, rows)
-
-
-def format_table(headers, rows) -> str:
-    cells = [tuple(str(c) for c in headers)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _numel(shape) -> int:

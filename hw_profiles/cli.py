@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fftmoe.tables import format_table
 from hw_profiles import profiles as hp
 
 EXIT_CALIBRATION = 1
@@ -180,14 +181,6 @@ def citations(profile: hp.Profile) -> tuple[list[str], dict[str, list[str]]]:
             by_key[key.strip()] = pending + ([inline] if inline else [])
             pending, seen_key = [], True
     return header, by_key
-
-
-def format_table(headers, rows) -> str:
-    cells = [tuple(str(c) for c in headers)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
