@@ -13,8 +13,8 @@ name = "tiny-ram"  # a board whose memory cannot hold even the smallest runtime 
 cpu_cores = 2
 cpu_ghz = 1.0
 cpu_model = "test"
-description = "test board with 100 MB of RAM"
-ram_mb = 100
+description = "test board with 50 MB of RAM"
+ram_mb = 50
 os_reserved_mb = 10
 core_gflops = 50.0
 uplink_mbps = 100.0
@@ -47,6 +47,7 @@ def test_run_with_three_profiles(tiny_model_dir, tmp_path):
     fleet = json.loads((out / "fleet.json").read_text())
     assert fleet["exit_codes"]["dev2"] == 137  # the emulated OOM kill, reported rather than hung
     assert "dev2" in done.stderr and "out of memory" in done.stderr
+    assert "no tier fits its 40 MB of usable memory" in done.stderr
     logs = {d: (out / "devices" / f"{d}.log").read_text() for d in ("dev0", "dev1")}
     assert "emulating laptop: 2 threads" in logs["dev0"] and "emulating pi4-4gb: 2 threads" in logs["dev1"]
     for name in ("report.html", "report.png", "global_adapter.npz", "model/model.onnx", "data/test.csv"):
