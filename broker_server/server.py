@@ -311,7 +311,7 @@ class AggregationServer:
         outcome.devices[message.device_id].update(
             status="ok", bytes_up=size, emulated_s=message.metrics.get("emulated_s"),
             compute_s=message.metrics.get("emulated_compute_s"), transfer_s=message.metrics.get("emulated_transfer_s"),
-            holdout_accuracy=message.metrics.get("holdout_accuracy"),
+            holdout_accuracy=message.metrics.get("holdout_accuracy"), peak_rss_mb=message.metrics.get("peak_rss_mb"),
             usage={str(layer): counts.tolist() for layer, counts in history.items()})
 
     def _close(self, round_: int, participants: list[str], outcome: RoundOutcome, attempt: int,

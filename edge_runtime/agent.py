@@ -218,6 +218,8 @@ class DeviceAgent:
                  f", held-out acc {holdout_acc:.3f}" if holdout_n else "")
         self.saved = DeviceState(device_id=cfg.device_id, tier=cfg.tier, last_round_seen=task.round,
                                  rounds_completed=self.saved.rounds_completed + 1)
+        if cfg.personal_router:
+            self._save_personal_router(result.params, task.slot_map)
         self.state.save(self.saved)
         return True
 
@@ -263,8 +265,30 @@ class DeviceAgent:
             target = np.array([task.het_target[layer] for layer in layers], dtype=np.float32)
         else:
             target = np.full((len(layers), tier.experts_held), 1.0 / tier.experts_held, dtype=np.float32)
-        arrays = {name: np.asarray(value, dtype=np.float32) for name, value in task.params.items()}
+        arrays = {name: np.array(value, dtype=np.float32) for name, value in task.params.items()}
+        if self.config.personal_router:
+            self._apply_personal_router(arrays, task.slot_map)
         return arrays, target
+
+    def _router_rows(self, slot_map: dict[str, list[int]]):
+        """(array name, slot, key) of every router row this device holds: the key names the
+        layer and the global expert, so a row follows its expert whichever slot it lands in."""
+        for p in self.trainer.tier.params:
+            if p.name.endswith(".router"):
+                for slot, expert in enumerate(slot_map[str(p.layer)]):
+                    yield p.name, slot, f"{p.layer}/{expert}"
+
+    def _apply_personal_router(self, arrays: dict[str, np.ndarray], slot_map: dict[str, list[int]]) -> None:
+        """Personalised routing: this device's own router rows replace the global ones it has."""
+        saved = self.state.load_router()
+        for name, slot, key in self._router_rows(slot_map):
+            if key in saved:
+                arrays[name][slot] = saved[key]
+
+    def _save_personal_router(self, params: dict[str, np.ndarray], slot_map: dict[str, list[int]]) -> None:
+        rows = self.state.load_router()
+        rows.update({key: params[name][slot] for name, slot, key in self._router_rows(slot_map)})
+        self.state.save_router(rows)
 
 
 def install_signal_handlers(agent: DeviceAgent) -> None:

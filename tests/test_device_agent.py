@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -110,7 +111,6 @@ def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_fi
 
         harness.on_upload_chunk = kill_on_first_chunk
         harness.send("dev4", task_chunks)
-        import time
         deadline = time.monotonic() + 30
         while not restarted and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -125,3 +125,40 @@ def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_fi
         device.kill()
         harness.stop()
         broker.kill()
+
+
+def test_personal_router_rows_stay_on_the_device(tiny_export, data_file, tmp_path):
+    with running_broker("embedded", tmp_path) as url:
+        harness = Harness(url)
+        log = tmp_path / "device.log"
+        device = start_device(url, tiny_export, "small", "dev5", data_file, tmp_path / "state", log,
+                              extra=["--personal-router"])
+        try:
+            harness.wait_for(wire.Hello, "dev5")
+            first = task_for(tiny_export, "small", "dev5", round_=0)
+            harness.send("dev5", wire.encode(first))
+            trained = harness.wait_for(wire.Update, "dev5")
+            router = next(n for n in trained.params if n.endswith(".router"))
+            layer = tiny_export.tier("small").adapted_layers[0]
+            deadline = time.monotonic() + 10
+            while f"{layer}/1" not in (rows := LocalState(tmp_path / "state").load_router()):
+                assert time.monotonic() < deadline, "the router rows were never saved"
+                time.sleep(0.05)  # saved right after the upload
+            np.testing.assert_array_equal(rows[f"{layer}/1"], trained.params[router][1])
+            # next round the server sends global rows in swapped slots; the device keeps its own
+            second = task_for(tiny_export, "small", "dev5", round_=1, steps=1)
+            slots = [1, 0]
+            second = wire.RoundTask(**{**second.__dict__, "slot_map": {str(layer): slots},
+                                       "params": {k: (v[slots] if k.endswith((".w1", ".b1", ".w2", ".b2", ".router"))
+                                                      else v) for k, v in second.params.items()}})
+            harness.send("dev5", wire.encode(second))
+            update = harness.wait_for(wire.Update, "dev5")
+            start_rows = second.params[router]
+            # slot 0 now holds global expert 1: training started from the device's own row, not the global one
+            moved = np.abs(update.params[router][0] - trained.params[router][1]).max()
+            from_global = np.abs(update.params[router][0] - start_rows[0]).max()
+            assert moved < from_global
+            _stop(device, log)
+        finally:
+            device.kill()
+            harness.stop()
