@@ -29,15 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     folder = model if model.is_dir() else model.parent
     model = folder / "model.onnx" if model.is_dir() else model
     texts = list(args.texts)
+    if not model.is_file():
+        print(f"fftmoe predict: error: {model} not found (a run writes it under RUN/model/)", file=sys.stderr)
+        return 2
     try:
         if args.input:
             texts += [line.strip() for line in Path(args.input).read_text(encoding="utf-8").splitlines() if line.strip()]
         meta = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        print(f"fftmoe predict: error: {err}", file=sys.stderr)
-        return 2
-    if not model.is_file():
-        print(f"fftmoe predict: error: {model} not found (a run writes it under RUN/model/)", file=sys.stderr)
+        print(f"fftmoe predict: error: cannot read {folder / 'labels.json'} or the input file: {err}", file=sys.stderr)
         return 2
     if not texts:
         print("fftmoe predict: error: give texts as arguments or --input FILE", file=sys.stderr)
