@@ -5,10 +5,10 @@ Every fftmoe topic string is built or parsed here, and nowhere else:
     fftmoe/{fed}/presence/{device}     device -> server: Hello, Presence (heartbeat and last will)
     fftmoe/{fed}/task/{device}         server -> device: RoundTask
     fftmoe/{fed}/global                server -> all:    GlobalState
-The device id sits at a fixed level so a broker ACL needs one pattern per direction, e.g. with
-mosquitto (%c = client id = device id): "pattern write fftmoe/+/up/%c/+",
-"pattern write fftmoe/+/presence/%c", "pattern read fftmoe/+/task/%c",
-"pattern read fftmoe/+/global"; only the aggregator's user may write task/ and global. This module
+The device id sits at a fixed level of every per-device topic, so a broker ACL can grant a device
+exactly its own topics; `fftmoe fleet` writes one explicit mosquitto `user` block per device
+(broker_server/fleet.py explains why not `pattern` lines); only the aggregator's user may write
+task/ and global. This module
 knows topics only: it does not look at payloads (binding a payload to its topic is
 `messages.check_origin`) and it does not subscribe or publish (no MQTT client here).
 """
