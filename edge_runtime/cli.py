@@ -4,6 +4,8 @@ Subcommands:
   run     (the default) join a federation: train on local data each round, upload over MQTT
   probe   verify a tier's artifacts against the manifest and measure its training step here
           (peak RSS, step time), the numbers that decide which tier a device can run
+  doctor  check an installed device (Python, training runtime, artifacts, broker, free RAM) and
+          say what to fix; exit 0 when no check fails (edge_runtime/doctor.py)
 
 Exit codes of `run`: 0 stopped cleanly (SIGTERM); 2 bad configuration; 3 artifacts missing or
 corrupt; 4 local data unusable; 5 state file corrupt.
@@ -16,7 +18,7 @@ import logging
 import sys
 
 EXIT_USAGE = 2
-SUBCOMMANDS = ("run", "probe")
+SUBCOMMANDS = ("run", "probe", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--tier", required=True, help="tier name from the manifest")
     probe.add_argument("--threads", type=int, default=2, help="ORT intra-op threads (default 2)")
     probe.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up (default 5)")
+    from edge_runtime import doctor
+
+    doctor.add_parser(sub)
     return parser
 
 
@@ -66,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "probe":
         return _probe(args)
+    if args.command == "doctor":
+        from edge_runtime import doctor
+
+        return doctor.main(args)
     return _run(args)
 
 

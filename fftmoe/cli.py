@@ -19,6 +19,8 @@ COMMANDS = {
     "predict": ("edge_runtime.predict", "classify texts with the model a run produced", "edge"),
     "bench": ("fftmoe.bench", "benchmarks: train-step, aggregate", "export"),
     "profiles": ("hw_profiles.cli", "list device profiles and the tier each maps to", "edge"),
+    "bundle": ("hw_profiles.bundle", "build a self-contained device bundle (artifacts, config, install script, systemd unit)", "all"),
+    "fleet": ("broker_server.fleet_cli", "provision a secure fleet for mosquitto: CA, certificates, credentials, ACL", "server"),
 }
 
 EXIT_USAGE = 2
