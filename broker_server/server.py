@@ -120,7 +120,7 @@ class AggregationServer:
     def _receive(self, topic: str, payload: bytes) -> None:
         try:
             parsed = wire.parse_topic(topic)
-            if parsed.kind == "up":
+            if parsed.kind == "up" and parsed.round == self.state.round:  # other rounds' bytes are never read
                 key = (parsed.device_id, parsed.round)
                 with self._lock:
                     self._bytes_in[key] = self._bytes_in.get(key, 0) + len(payload)
@@ -227,6 +227,8 @@ class AggregationServer:
         cfg = self.config
         planner = SlotPlanner(self.space.experts, self.strategy.usage)
         self.strategy.begin_round(self.state.global_arrays)
+        with self._lock:  # counters of devices that never answered an earlier round: bounded, not leaked
+            self._bytes_in = {k: v for k, v in self._bytes_in.items() if k[1] == round_}
         open_tasks: dict[str, OpenTask] = {}
         for device_id in participants:
             device = self.devices[device_id]
@@ -332,10 +334,11 @@ class AggregationServer:
             record[f"device_{key}"] = float(np.average(values, weights=weights)) if values else None
         if self.evaluate is not None:
             record.update(self.evaluate(new_global))
-        self.state = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.strategy.optimizer_state(),
-                                 usage={str(k): v.tolist() for k, v in self.strategy.usage.items()},
-                                 backbone_sha256=self.state.backbone_sha256, last_record=record)
-        self.store.commit(self.state)
+        committed = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.strategy.optimizer_state(),
+                                usage={str(k): v.tolist() for k, v in self.strategy.usage.items()},
+                                backbone_sha256=self.state.backbone_sha256, last_record=record)
+        self.store.commit(committed)  # raises StateError (the round fails loudly) before the state advances
+        self.state = committed
         acc = record.get("test_accuracy", record["device_holdout_accuracy"])
         log.info("round %d done: %d/%d updates, %s accuracy %s, %.1f kB up, %.1f kB down, %.1f s wall%s", round_,
                  outcome.updates, len(participants), "test" if "test_accuracy" in record else "held-out",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # BadZipFile: truncated npz
         raise StateError(f"server state file {path} is corrupt or truncated ({err}); restore it from a backup "
                          "or start a new state folder") from err
 
@@ -73,10 +74,14 @@ class StateStore:
 
     def load(self) -> ServerState | None:
         """The committed state, or None for a new folder."""
+        for leftover in self.folder.glob(".*.tmp-*"):  # a server killed mid-write; never part of a round
+            leftover.unlink(missing_ok=True)
         if not self.state_file.exists():
             return None
         try:
             meta = json.loads(self.state_file.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
             if meta.get("schema") != STATE_SCHEMA:
                 raise ValueError(f"schema {meta.get('schema')} is not {STATE_SCHEMA}")
             state = ServerState(round=int(meta["round"]), global_arrays=_load_npz(self.folder / meta["global_file"]),
