@@ -62,6 +62,10 @@ def layer_of(name: str) -> int | None:
     return int(parts[parts.index("layer") + 1]) if "layer" in parts else None
 
 
+class UpdateRejected(ValueError):
+    """`fold` refused an update by policy (its norm); nothing was added to the round's sums."""
+
+
 class ParamSpace:
     """The global parameter space (manifest.global_params): M-row stacks per adapted layer, and the head."""
 
@@ -120,6 +124,7 @@ class AggregationConfig:
     usage_decay: float = 0.5  # u <- decay*u + (1-decay)*share: reacts in ~2 rounds, damps client sampling noise
     clip_multiplier: float | None = None  # bound = multiplier x median delta norm of the previous round
     clip_bound: float | None = None  # a fixed bound; with both set the smaller one applies
+    norm_policy: str = "clip"  # an update above the bound: "clip" it to the bound or "reject" it
 
     def __post_init__(self):
         checks = [(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}"),
@@ -128,7 +133,8 @@ class AggregationConfig:
                   (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
                   (0 <= self.usage_decay < 1, "usage_decay must be in [0, 1)"),
                   (self.clip_multiplier is None or self.clip_multiplier > 0, "clip_multiplier must be > 0"),
-                  (self.clip_bound is None or self.clip_bound > 0, "clip_bound must be > 0")]
+                  (self.clip_bound is None or self.clip_bound > 0, "clip_bound must be > 0"),
+                  (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'")]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"aggregation config: {message} (got {self})")
@@ -212,6 +218,9 @@ class FftMoeStrategy(Strategy):
         params = update.params
         if self.config.clip_multiplier is not None or self._bound is not None:
             norm = delta_norm(update, self._global, self.space, self.config.personalise_router)
+            if self._bound is not None and norm > self._bound and self.config.norm_policy == "reject":
+                raise UpdateRejected(f"update norm {norm:.4g} exceeds the bound {self._bound:.4g} "
+                                     "(norm policy: reject)")  # before any sum changed; not in the median
             self._norms.append(norm)
             if self._bound is not None and norm > self._bound:
                 params = clipped_params(update, self._global, self.space, self._bound / norm)

@@ -47,6 +47,7 @@ class ServerConfig:
     server_lr: float = 1e-2
     personalise_router: bool = False
     clip_multiplier: float | None = None
+    norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
     seed: int = 0
     chunk_size: int = 256 * 1024
     max_update_bytes: int = 64 * 1024 * 1024
@@ -66,6 +67,7 @@ class ServerConfig:
             (self.upload_dtype in ("float32", "float16"), "upload_dtype must be float32 or float16"),
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
+            (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'"),
         ]
         for ok, message in checks:
             if not ok:

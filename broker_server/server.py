@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target,
-                                       validate_update)
+from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, UpdateRejected,
+                                       het_target, validate_update)
 from broker_server.config import ServerConfig
 from broker_server.slots import SlotPlanner, tokens_by_global_expert
 from broker_server.state import ServerState, StateStore
@@ -76,7 +76,8 @@ class AggregationServer:
         self.space = ParamSpace(manifest.global_params)
         self.strategy = FftMoeStrategy(self.space, AggregationConfig(
             weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
-            personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier))
+            personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier,
+            norm_policy=config.norm_policy))
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}
         self.inbox: queue.Queue = queue.Queue()
@@ -303,7 +304,12 @@ class AggregationServer:
             outcome.failed[message.device_id] = "; ".join(problems)
             log.warning("round %d: rejected the update of %s: %s", round_, message.device_id, "; ".join(problems))
             return
-        self.strategy.fold(update)
+        try:
+            self.strategy.fold(update)
+        except UpdateRejected as err:
+            outcome.failed[message.device_id] = str(err)
+            log.warning("round %d: rejected the update of %s: %s", round_, message.device_id, err)
+            return
         self.devices[message.device_id].history = tokens_by_global_expert(task.slot_map, update.expert_tokens,
                                                                           self.space.experts)
         outcome.updates += 1

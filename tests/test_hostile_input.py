@@ -325,3 +325,19 @@ def test_outlier_update_is_clipped_to_multiple_of_previous_median(manifest, tmp_
         assert stats.clipped == 1
         assert moved <= clip * median * 1.001, (moved, median)
         assert moved >= clip * median * 0.99  # clipped to the bound, not dropped
+
+
+def test_outlier_update_is_rejected_with_norm_policy_reject(manifest, tmp_path, caplog):
+    server = make_server(manifest, tmp_path / "state", clip_multiplier=2.0, norm_policy="reject")
+    g = server.state.global_arrays
+    tasks, outcome = open_round(server, devices=("a", "b", "c"))
+    for seed, device in enumerate(("a", "b", "c")):
+        server._answer(ROUND, make_update(server, device=device, seed=seed, scale=0.01), tasks, outcome)
+    server.strategy.finish()
+    tasks, outcome = open_round(server, round_=ROUND + 1, devices=("a", "b"))
+    server._answer(ROUND + 1, make_update(server, round_=ROUND + 1, device="a", seed=9, scale=10.0), tasks, outcome)
+    server._answer(ROUND + 1, make_update(server, round_=ROUND + 1, device="b", seed=4, scale=0.01), tasks, outcome)
+    assert outcome.updates == 1 and "exceeds the bound" in outcome.failed["a"]
+    assert "rejected the update of a" in caplog.text
+    new, stats = server.strategy.finish()
+    assert stats.clients == 1 and _distance(new, g) < 1.0  # only the ordinary update moved the model
