@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--server-lr", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
     parser.add_argument("--personalise-router", action="store_true", default=None)
+    parser.add_argument("--audit-log", action="store_true", default=None,
+                        help="log every folded update under STATE/audit/ so the global model can be replayed")
     parser.add_argument("--log-level", default="INFO")
     return parser
 

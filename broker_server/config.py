@@ -48,6 +48,7 @@ class ServerConfig:
     personalise_router: bool = False
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
+    audit_log: bool = False  # write every folded update to STATE/audit/ (replayable; disk: clients x model)
     seed: int = 0
     chunk_size: int = 256 * 1024
     max_update_bytes: int = 64 * 1024 * 1024

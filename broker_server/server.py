@@ -24,6 +24,7 @@ import numpy as np
 
 from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, UpdateRejected,
                                        het_target, validate_update)
+from broker_server import audit
 from broker_server.config import ServerConfig
 from broker_server.slots import SlotPlanner, tokens_by_global_expert
 from broker_server.state import ServerState, StateStore
@@ -228,6 +229,9 @@ class AggregationServer:
         cfg = self.config
         planner = SlotPlanner(self.space.experts, self.strategy.usage)
         self.strategy.begin_round(self.state.global_arrays)
+        self._folded = 0
+        if self.config.audit_log:
+            audit.start_round(self.store.folder, round_)
         with self._lock:  # counters of devices that never answered an earlier round: bounded, not leaked
             self._bytes_in = {k: v for k, v in self._bytes_in.items() if k[1] == round_}
         open_tasks: dict[str, OpenTask] = {}
@@ -310,6 +314,9 @@ class AggregationServer:
             outcome.failed[message.device_id] = str(err)
             log.warning("round %d: rejected the update of %s: %s", round_, message.device_id, err)
             return
+        if self.config.audit_log:
+            audit.record(self.store.folder, round_, self._folded, update)
+        self._folded += 1
         self.devices[message.device_id].history = tokens_by_global_expert(task.slot_map, update.expert_tokens,
                                                                           self.space.experts)
         outcome.updates += 1
