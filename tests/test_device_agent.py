@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -26,69 +27,63 @@ def _stop(process, log):
     assert code == 0, log.read_text()[-3000:]
 
 
+@contextmanager
+def agent_on_broker(url, tiny_export, tier, device_id, data_file, tmp_path, extra=None):
+    """A device process and a harness on `url`; yields (harness, stop) once the device said Hello.
+    `stop()` sends SIGTERM and asserts a clean exit; anything left is killed on the way out."""
+    harness = Harness(url)
+    log = tmp_path / "device.log"
+    device = start_device(url, tiny_export, tier, device_id, data_file, tmp_path / "state", log, extra=extra)
+    try:
+        hello = harness.wait_for(wire.Hello, device_id)
+        yield harness, hello, lambda: _stop(device, log)
+    finally:
+        device.kill()
+        harness.stop()
+
+
 @pytest.mark.parametrize("broker_kind", ["embedded", "mosquitto"])
 def test_round_trip_with_chunking(tiny_export, data_file, tmp_path, broker_kind):
-    with running_broker(broker_kind, tmp_path) as url:
-        harness = Harness(url)
-        log = tmp_path / "device.log"
-        device = start_device(url, tiny_export, "small", "dev1", data_file, tmp_path / "state", log,
-                              extra=["--chunk-size", "2048"])
-        try:
-            hello = harness.wait_for(wire.Hello, "dev1")
-            assert hello.tier == "small" and hello.last_round_seen is None
-            task = task_for(tiny_export, "small", "dev1", round_=3)
-            harness.send("dev1", wire.encode(task, chunk_size=1024))
-            update = harness.wait_for(wire.Update, "dev1")
-            assert update.round == 3 and update.tier == "small"
-            assert {k: v.shape for k, v in update.params.items()} == {k: v.shape for k, v in task.params.items()}
-            assert any(not np.array_equal(update.params[k], task.params[k]) for k in task.params)
-            assert update.num_samples == 30  # 40 rows, 8 per class, 2 per class held out (20%, rounded up)
-            assert update.metrics["steps"] == 4 and 0 <= update.metrics["holdout_accuracy"] <= 1
-            assert harness.chunks_seen > 3  # the update really travelled in several chunks
-            assert sorted(update.expert_tokens) == [str(layer) for layer in tiny_export.tier("small").adapted_layers]
-            _stop(device, log)
-            assert LocalState(tmp_path / "state").load().last_round_seen == 3
-        finally:
-            device.kill()
-            harness.stop()
+    with running_broker(broker_kind, tmp_path) as url, \
+            agent_on_broker(url, tiny_export, "small", "dev1", data_file, tmp_path,
+                            extra=["--chunk-size", "2048"]) as (harness, hello, stop):
+        assert hello.tier == "small" and hello.last_round_seen is None
+        task = task_for(tiny_export, "small", "dev1", round_=3)
+        harness.send("dev1", wire.encode(task, chunk_size=1024))
+        update = harness.wait_for(wire.Update, "dev1")
+        assert update.round == 3 and update.tier == "small"
+        assert {k: v.shape for k, v in update.params.items()} == {k: v.shape for k, v in task.params.items()}
+        assert any(not np.array_equal(update.params[k], task.params[k]) for k in task.params)
+        assert update.num_samples == 30  # 40 rows, 8 per class, 2 per class held out (20%, rounded up)
+        assert update.metrics["steps"] == 4 and 0 <= update.metrics["holdout_accuracy"] <= 1
+        assert harness.chunks_seen > 3  # the update really travelled in several chunks
+        assert sorted(update.expert_tokens) == [str(layer) for layer in tiny_export.tier("small").adapted_layers]
+        stop()
+        assert LocalState(tmp_path / "state").load().last_round_seen == 3
 
 
 def test_corrupted_chunk_gets_an_error_reply(tiny_export, data_file, tmp_path):
-    with running_broker("embedded", tmp_path) as url:
-        harness = Harness(url)
-        log = tmp_path / "device.log"
-        device = start_device(url, tiny_export, "small", "dev2", data_file, tmp_path / "state", log)
-        try:
-            harness.wait_for(wire.Hello, "dev2")
-            chunks = wire.encode(task_for(tiny_export, "small", "dev2", round_=0), chunk_size=1024)
-            broken = bytearray(chunks[-1])
-            broken[-1] ^= 0xFF
-            harness.send("dev2", chunks[:-1] + [bytes(broken)])
-            reply = harness.wait_for(wire.ErrorReply, "dev2")
-            assert reply.code == wire.ErrorCode.BAD_HASH
-            # the device is still serving: a good task now gets an update
-            harness.send("dev2", wire.encode(task_for(tiny_export, "small", "dev2", round_=1)))
-            assert harness.wait_for(wire.Update, "dev2").round == 1
-            _stop(device, log)
-        finally:
-            device.kill()
-            harness.stop()
+    with running_broker("embedded", tmp_path) as url, \
+            agent_on_broker(url, tiny_export, "small", "dev2", data_file, tmp_path) as (harness, _, stop):
+        chunks = wire.encode(task_for(tiny_export, "small", "dev2", round_=0), chunk_size=1024)
+        broken = bytearray(chunks[-1])
+        broken[-1] ^= 0xFF
+        harness.send("dev2", chunks[:-1] + [bytes(broken)])
+        reply = harness.wait_for(wire.ErrorReply, "dev2")
+        assert reply.code == wire.ErrorCode.BAD_HASH
+        # the device is still serving: a good task now gets an update
+        harness.send("dev2", wire.encode(task_for(tiny_export, "small", "dev2", round_=1)))
+        assert harness.wait_for(wire.Update, "dev2").round == 1
+        stop()
 
 
 def test_wrong_tier_task_is_refused_not_fatal(tiny_export, data_file, tmp_path):
-    with running_broker("embedded", tmp_path) as url:
-        harness = Harness(url)
-        log = tmp_path / "device.log"
-        device = start_device(url, tiny_export, "small", "dev3", data_file, tmp_path / "state", log)
-        try:
-            harness.wait_for(wire.Hello, "dev3")
-            harness.send("dev3", wire.encode(task_for(tiny_export, "big", "dev3", round_=0)))
-            reply = harness.wait_for(wire.ErrorReply, "dev3")
-            assert reply.code == wire.ErrorCode.UNKNOWN_TIER and "small" in reply.message
-            _stop(device, log)
-        finally:
-            device.kill()
-            harness.stop()
+    with running_broker("embedded", tmp_path) as url, \
+            agent_on_broker(url, tiny_export, "small", "dev3", data_file, tmp_path) as (harness, _, stop):
+        harness.send("dev3", wire.encode(task_for(tiny_export, "big", "dev3", round_=0)))
+        reply = harness.wait_for(wire.ErrorReply, "dev3")
+        assert reply.code == wire.ErrorCode.UNKNOWN_TIER and "small" in reply.message
+        stop()
 
 
 def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_file, tmp_path):
@@ -128,37 +123,30 @@ def test_broker_restart_mid_upload_delivers_the_update_once(tiny_export, data_fi
 
 
 def test_personal_router_rows_stay_on_the_device(tiny_export, data_file, tmp_path):
-    with running_broker("embedded", tmp_path) as url:
-        harness = Harness(url)
-        log = tmp_path / "device.log"
-        device = start_device(url, tiny_export, "small", "dev5", data_file, tmp_path / "state", log,
-                              extra=["--personal-router"])
-        try:
-            harness.wait_for(wire.Hello, "dev5")
-            first = task_for(tiny_export, "small", "dev5", round_=0)
-            harness.send("dev5", wire.encode(first))
-            trained = harness.wait_for(wire.Update, "dev5")
-            router = next(n for n in trained.params if n.endswith(".router"))
-            layer = tiny_export.tier("small").adapted_layers[0]
-            deadline = time.monotonic() + 10
-            while f"{layer}/1" not in (rows := LocalState(tmp_path / "state").load_router()):
-                assert time.monotonic() < deadline, "the router rows were never saved"
-                time.sleep(0.05)  # saved right after the upload
-            np.testing.assert_array_equal(rows[f"{layer}/1"], trained.params[router][1])
-            # next round the server sends global rows in swapped slots; the device keeps its own
-            second = task_for(tiny_export, "small", "dev5", round_=1, steps=1)
-            slots = [1, 0]
-            second = wire.RoundTask(**{**second.__dict__, "slot_map": {str(layer): slots},
-                                       "params": {k: (v[slots] if k.endswith((".w1", ".b1", ".w2", ".b2", ".router"))
-                                                      else v) for k, v in second.params.items()}})
-            harness.send("dev5", wire.encode(second))
-            update = harness.wait_for(wire.Update, "dev5")
-            start_rows = second.params[router]
-            # slot 0 now holds global expert 1: training started from the device's own row, not the global one
-            moved = np.abs(update.params[router][0] - trained.params[router][1]).max()
-            from_global = np.abs(update.params[router][0] - start_rows[0]).max()
-            assert moved < from_global
-            _stop(device, log)
-        finally:
-            device.kill()
-            harness.stop()
+    with running_broker("embedded", tmp_path) as url, \
+            agent_on_broker(url, tiny_export, "small", "dev5", data_file, tmp_path,
+                            extra=["--personal-router"]) as (harness, _, stop):
+        first = task_for(tiny_export, "small", "dev5", round_=0)
+        harness.send("dev5", wire.encode(first))
+        trained = harness.wait_for(wire.Update, "dev5")
+        router = next(n for n in trained.params if n.endswith(".router"))
+        layer = tiny_export.tier("small").adapted_layers[0]
+        deadline = time.monotonic() + 10
+        while f"{layer}/1" not in (rows := LocalState(tmp_path / "state").load_router()):
+            assert time.monotonic() < deadline, "the router rows were never saved"
+            time.sleep(0.05)  # saved right after the upload
+        np.testing.assert_array_equal(rows[f"{layer}/1"], trained.params[router][1])
+        # next round the server sends global rows in swapped slots; the device keeps its own
+        second = task_for(tiny_export, "small", "dev5", round_=1, steps=1)
+        slots = [1, 0]
+        second = wire.RoundTask(**{**second.__dict__, "slot_map": {str(layer): slots},
+                                   "params": {k: (v[slots] if k.endswith((".w1", ".b1", ".w2", ".b2", ".router"))
+                                                  else v) for k, v in second.params.items()}})
+        harness.send("dev5", wire.encode(second))
+        update = harness.wait_for(wire.Update, "dev5")
+        start_rows = second.params[router]
+        # slot 0 now holds global expert 1: training started from the device's own row, not the global one
+        moved = np.abs(update.params[router][0] - trained.params[router][1]).max()
+        from_global = np.abs(update.params[router][0] - start_rows[0]).max()
+        assert moved < from_global
+        stop()
