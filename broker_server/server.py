@@ -86,6 +86,7 @@ class AggregationServer:
         self._bytes_in: dict[tuple[str, int | None], int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._folded = 0  # updates folded in the current round: their order in the audit log
         self._rng = random.Random(config.seed)
         fed = config.federation
         self.connection = MqttConnection(
