@@ -49,17 +49,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_server.accumulate import SlotSums
-from edge_runtime.manifest import ParamEntry
+from edge_runtime.manifest import ParamEntry, layer_of
 
 WEIGHTINGS = ("samples", "activation")
 OPTIMIZERS = ("fedavg", "fedadam")
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
-
-
-def layer_of(name: str) -> int | None:
-    """Encoder layer of an adapter array name (`...layer.{l}...`), None for the head (export's rule)."""
-    parts = name.split(".")
-    return int(parts[parts.index("layer") + 1]) if "layer" in parts else None
 
 
 class UpdateRejected(ValueError):

@@ -27,6 +27,13 @@ class ArtifactIntegrityError(ValueError):
     """An artifact file is missing or its sha256 differs from the manifest."""
 
 
+def layer_of(name: str) -> int | None:
+    """Encoder layer of an adapter array name (`...layer.{l}...`), None for the head: the naming rule
+    the exporter writes into `ParamEntry.layer` and the server reads back."""
+    parts = name.split(".")
+    return int(parts[parts.index("layer") + 1]) if "layer" in parts else None
+
+
 @dataclass(frozen=True)
 class ParamEntry:
     """One trainable array of a tier. `slot_axis` is 0 for per-expert stacks, None for the head."""
@@ -57,6 +64,17 @@ class TierEntry:
     files: dict[str, FileEntry]  # role (training_model, eval_model, ...) -> file
     measured: dict[str, float] = field(default_factory=dict)  # peak_rss_mb, step_ms, threads
     description: str = ""
+
+    @property
+    def trainable_params(self) -> int:
+        """Number of trainable values of the tier (its size for ordering and reports)."""
+        total = 0
+        for p in self.params:
+            count = 1
+            for dim in p.shape:
+                count *= dim
+            total += count
+        return total
 
     def param(self, name: str) -> ParamEntry:
         for p in self.params:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 import platform
@@ -29,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.local_state import atomic_write_bytes
 from edge_runtime.manifest import (GLOBAL_INIT_NAME, MANIFEST_NAME, MANIFEST_SCHEMA, FileEntry, Manifest,
-                                   ParamEntry, TierEntry, file_entry)
+                                   ParamEntry, TierEntry, file_entry, layer_of)
 from export.backbone import Backbone, ffn_output_modules
 from export.graph_fixups import fix_forward_graph, lower_ir_version
 from export.model import (INFER_INPUTS, INFER_OUTPUTS, TRAIN_INPUTS, TRAIN_OUTPUTS, AdaptedClassifier,
@@ -88,10 +90,12 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
 
     progress("writing global initial arrays and manifest")
     init_path = out / GLOBAL_INIT_NAME
-    _atomic_write(init_path, lambda fh: np.savez(fh, **global_arrays))
+    buffer = io.BytesIO()
+    np.savez(buffer, **global_arrays)
+    atomic_write_bytes(init_path, buffer.getvalue())
     global_params = tuple(
         ParamEntry(name=n, shape=tuple(a.shape), dtype=str(a.dtype),
-                   slot_axis=None if n.startswith("fftmoe_head") else 0, layer=_layer_of(n))
+                   slot_axis=None if n.startswith("fftmoe_head") else 0, layer=layer_of(n))
         for n, a in global_arrays.items())
     hidden = int(backbone.model.config.hidden_size)
     manifest = Manifest(
@@ -103,7 +107,7 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
         train_inputs=TRAIN_INPUTS, train_outputs=TRAIN_OUTPUTS, infer_inputs=INFER_INPUTS,
         infer_outputs=INFER_OUTPUTS, tiers=tiers, global_init=file_entry(out, init_path),
         versions=_tool_versions(), root=out)
-    _atomic_write(out / MANIFEST_NAME, lambda fh: fh.write(manifest.to_json().encode()))
+    atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
     return manifest
 
 
@@ -156,7 +160,7 @@ def _export_tier(backbone: Backbone, spec: TierSpec, tier: Tier, options: Export
     measured = probe_tier(tier_dir, tier, layers=tier.adapted_layers, vocab=int(backbone.model.config.vocab_size),
                           threads=options.probe_threads, steps=options.probe_steps)
     params = tuple(ParamEntry(name=n, shape=tuple(p.shape), dtype="float32",
-                              slot_axis=None if n.startswith("fftmoe_head") else 0, layer=_layer_of(n))
+                              slot_axis=None if n.startswith("fftmoe_head") else 0, layer=layer_of(n))
                    for n, p in trainable.items())
     files = {Path(f).stem: file_entry(options.out_dir, tier_dir / f) for f in TIER_FILES}
     progress(f"{label} done in {time.perf_counter() - started:.1f} s: peak RSS {measured['peak_rss_mb']:.0f} MB, "
@@ -212,20 +216,6 @@ def _native_stderr_captured():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[parts.index("layer") + 1]) if "layer" in parts else None
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _tool_versions() -> dict[str, str]:

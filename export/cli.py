@@ -73,19 +73,12 @@ def summary_table(manifest) -> str:
                "infer MB", "peak RSS MB", "step ms")
     rows = []
     for t in manifest.tiers.values():
-        trainable = sum(_numel(p.shape) for p in t.params)
         train_mb = sum(t.files[k].bytes for k in ("training_model", "eval_model", "optimizer_model", "checkpoint")) / 1e6
         rows.append((t.name, t.experts_held, t.top_k, len(t.adapted_layers), f"{t.seq_len} x {t.batch_size}",
-                     f"{trainable:,}", f"{train_mb:.1f}", f"{t.files['inference_model'].bytes / 1e6:.1f}",
+                     f"{t.trainable_params:,}", f"{train_mb:.1f}", f"{t.files['inference_model'].bytes / 1e6:.1f}",
                      f"{t.measured['peak_rss_mb']:.0f}", f"{t.measured['step_ms']:.0f}"))
     return format_table(headers, rows)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 if __name__ == "__main__":

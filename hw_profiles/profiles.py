@@ -137,10 +137,6 @@ def transfer_seconds(profile: Profile, nbytes: int, direction: str) -> float:
     return profile.latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
 
 
-def trainable_params(tier: TierEntry) -> int:
-    return sum(math.prod(p.shape) for p in tier.params)
-
-
 def emulated_step_seconds(profile: Profile, tier: TierEntry, host_core_gflops: float,
                           threads: int | None = None) -> float:
     """One training step of `tier` on the profile's device: the export host's measured work
@@ -171,8 +167,8 @@ def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None 
     if round_budget_s is not None and host_core_gflops is None:
         host_core_gflops = calibrate_host_core_gflops()
     chosen, reasons = None, []
-    for tier in sorted(manifest.tiers.values(), key=lambda t: (trainable_params(t), t.name), reverse=True):
-        head = f"{tier.name} ({trainable_params(tier):,} trainable):"
+    for tier in sorted(manifest.tiers.values(), key=lambda t: (t.trainable_params, t.name), reverse=True):
+        head = f"{tier.name} ({tier.trainable_params:,} trainable):"
         if "peak_rss_mb" not in tier.measured or (round_budget_s is not None and not
                                                    {"step_ms", "threads"} <= set(tier.measured)):
             reasons.append(f"{head} not measured in the manifest (re-run `fftmoe export`)")
