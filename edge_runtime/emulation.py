@@ -23,19 +23,36 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+if TYPE_CHECKING:  # only for the annotation: this module's arithmetic needs no numpy
+    import numpy as np
+
 log = logging.getLogger("fftmoe.emulation")
 
 OOM_EXIT_CODE = 137  # 128 + SIGKILL, what a shell reports for an OOM-killed process
 _FIELDS = ("cpu_cores", "ram_mb", "os_reserved_mb", "core_gflops", "uplink_mbps", "downlink_mbps", "latency_ms",
            "availability")
+
+
+def device_seconds(host_cpu_seconds: float, host_core_gflops: float, core_gflops: float, cores: int) -> float:
+    """Emulated wall time on a device of work that took `host_cpu_seconds` of this host's CPU.
+
+    The work (host CPU seconds x host core speed) is spread over the device's cores in use,
+    assuming linear thread scaling. The one formula for both emulated devices and tier mapping.
+    """
+    return host_cpu_seconds * host_core_gflops / (core_gflops * max(1, cores))
+
+
+def link_seconds(nbytes: int, mbps: float, latency_ms: float) -> float:
+    """Seconds to move `nbytes` over a link: one-way latency + bits / bandwidth."""
+    return latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
 
 
 class EmulationError(ValueError):
@@ -79,13 +96,12 @@ class Emulation:
 
     def compute_seconds(self, cpu_seconds: float, threads: int) -> float:
         """Emulated wall time of work that took `cpu_seconds` of this host's CPU on `threads` threads."""
-        return cpu_seconds * self.host_core_gflops / (self.core_gflops * max(1, min(threads, self.cpu_cores)))
+        return device_seconds(cpu_seconds, self.host_core_gflops, self.core_gflops, min(threads, self.cpu_cores))
 
     def transfer_seconds(self, nbytes: int, upload: bool) -> float:
-        mbps = self.uplink_mbps if upload else self.downlink_mbps
-        return self.latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
+        return link_seconds(nbytes, self.uplink_mbps if upload else self.downlink_mbps, self.latency_ms)
 
-    def drops_out(self, rng: np.random.Generator) -> bool:
+    def drops_out(self, rng: "np.random.Generator") -> bool:
         return bool(rng.random() >= self.availability)
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from edge_runtime.emulation import device_seconds, link_seconds
 from edge_runtime.manifest import Manifest, TierEntry
 
 if sys.version_info >= (3, 11):
@@ -133,8 +134,8 @@ def transfer_seconds(profile: Profile, nbytes: int, direction: str) -> float:
         raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    mbps = profile.uplink_mbps if direction == "up" else profile.downlink_mbps
-    return profile.latency_ms / 1000 + nbytes * 8 / (mbps * 1e6)
+    return link_seconds(nbytes, profile.uplink_mbps if direction == "up" else profile.downlink_mbps,
+                        profile.latency_ms)
 
 
 def emulated_step_seconds(profile: Profile, tier: TierEntry, host_core_gflops: float,
@@ -145,8 +146,8 @@ def emulated_step_seconds(profile: Profile, tier: TierEntry, host_core_gflops: f
         work_s = float(tier.measured["step_cpu_ms"]) / 1000
     else:  # older manifests: wall time x threads
         work_s = float(tier.measured["step_ms"]) / 1000 * float(tier.measured["threads"])
-    used = min(profile.cpu_cores, threads or profile.cpu_cores)
-    return work_s * host_core_gflops / (profile.core_gflops * used)
+    return device_seconds(work_s, host_core_gflops, profile.core_gflops,
+                          min(profile.cpu_cores, threads or profile.cpu_cores))
 
 
 def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None = None, local_steps: int = 20,
