@@ -98,8 +98,7 @@ class AggregationServer:
     def _roll_call(self) -> None:
         """Ask every device to announce itself: after a server restart the registry is empty while
         devices are still connected and would not send a Hello on their own."""
-        usage = {str(k): v.tolist() for k, v in self.strategy.usage.items()}
-        message = wire.GlobalState(round=self.state.round, expert_usage=usage, note=wire.ROLL_CALL)
+        message = wire.GlobalState(round=self.state.round, expert_usage=self.usage(), note=wire.ROLL_CALL)
         self.connection.publish_chunks(wire.global_topic(self.config.federation), wire.encode(message),
                                        wire.QOS_GLOBAL)
 
@@ -349,7 +348,7 @@ class AggregationServer:
         if self.evaluate is not None:
             record.update(self.evaluate(new_global))
         committed = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.strategy.optimizer_state(),
-                                usage={str(k): v.tolist() for k, v in self.strategy.usage.items()},
+                                usage=self.usage(),
                                 backbone_sha256=self.state.backbone_sha256, last_record=record)
         self.store.commit(committed)  # raises StateError (the round fails loudly) before the state advances
         self.state = committed
@@ -358,6 +357,6 @@ class AggregationServer:
                  outcome.updates, len(participants), "test" if "test_accuracy" in record else "held-out",
                  f"{acc:.3f}" if acc is not None else "n/a", outcome.bytes_up / 1e3, outcome.bytes_down / 1e3, wall,
                  f", {record['emulated_round_s']:.1f} s emulated" if record["emulated_round_s"] is not None else "")
-        usage = {str(k): v.tolist() for k, v in self.strategy.usage.items()}
         self.connection.publish_chunks(wire.global_topic(self.config.federation),
-                                       wire.encode(wire.GlobalState(round=round_, expert_usage=usage)), wire.QOS_GLOBAL)
+                                       wire.encode(wire.GlobalState(round=round_, expert_usage=self.usage())),
+                                       wire.QOS_GLOBAL)

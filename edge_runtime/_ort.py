@@ -91,13 +91,3 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
-
-
-def copy_buffer_to_parameters(module, flat) -> None:
-    """Write a flat float32 vector into the module's trainable parameters.
-
-    The documented `Module.copy_buffer_to_parameters(numpy_array)` raises TypeError in 1.19.2; the
-    C binding wants the raw `_ortvalue` of an OrtValue.
-    """
-    value = OrtValue.ortvalue_from_numpy(flat)
-    module._model.copy_buffer_to_parameters(value._ortvalue, True)
