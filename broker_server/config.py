@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker_server.methods import METHODS
 from edge_runtime.config_file import load_config, read_secret
 
 
@@ -42,6 +43,7 @@ class ServerConfig:
     lambda_het: float = 0.01
     gamma: float = 1.0
     upload_dtype: str = "float32"
+    method: str = "fft-moe"  # or a LoRA baseline: fedit, hetlora, flexlora (needs a LoRA export)
     weighting: str = "samples"
     optimizer: str = "fedavg"
     server_lr: float = 1e-2
@@ -69,6 +71,11 @@ class ServerConfig:
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
             (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'"),
+            (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.method == "fft-moe" or not (self.audit_log or self.personalise_router or self.clip_multiplier
+                                               or self.optimizer != "fedavg" or self.weighting != "samples"),
+             "audit_log, personalise_router, clip_multiplier, optimizer and weighting are FFT-MoE options; the LoRA "
+             "baselines run plain sample-weighted FedAvg as published"),
         ]
         for ok, message in checks:
             if not ok:

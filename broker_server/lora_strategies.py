@@ -6,7 +6,9 @@ over named numpy arrays. A LoRA adapter on a frozen weight W [d_out, d_in] is `d
 [d_out, r], A [r, d_in]; the arrays are named `<base>.fftmoe_lora_A` and `<base>.fftmoe_lora_B` (`<base>` names W),
 and the classifier head (names starting `fftmoe_head`) is trained in full and FedAvg'd by every method.
 Weights are the clients' sample counts; sums are float64 running sums, so folding updates in any order
-gives the same result up to float64 rounding, and no update is kept.
+gives the same result up to float64 rounding, and no update is kept. A client may adapt only some of the
+weights (a small tier adapts only the top layers, as in FFT-MoE): each adapted weight is averaged over the
+clients that hold it, and a weight nobody held this round keeps its value.
 
 - FedIT (Zhang et al. 2024): one rank r for every client; FedAvg of A and of B separately.
 - HetLoRA (Cho et al. 2024): client ranks r_n <= r_max; each client's A is zero-padded in rows and B in
@@ -87,10 +89,11 @@ class LoraSpace:
             raise ValueError(f"factors disagree on the rank: {sorted(ranks)}")
         return cls(adapted, head), ranks.pop()
 
-    def factor_shapes(self, rank: int) -> dict[str, tuple[int, ...]]:
-        """Names and shapes of the arrays a client at `rank` trains and sends."""
+    def factor_shapes(self, rank: int, bases: Sequence[str] | None = None) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the arrays a client at `rank` adapting `bases` (default: all) trains and sends."""
         shapes: dict[str, tuple[int, ...]] = {}
-        for base, (d_out, d_in) in self.adapted.items():
+        for base in self.adapted if bases is None else bases:
+            d_out, d_in = self.adapted[base]
             shapes[base + LORA_A], shapes[base + LORA_B] = (rank, d_in), (d_out, rank)
         shapes.update(self.head)
         return shapes
@@ -126,7 +129,10 @@ class _LoraStrategy(Strategy):
             return problems + [f"rank must be an integer, got {rank!r}"]
         if (problem := self._rank_problem(int(rank))) is not None:
             return problems + [problem]  # shapes cannot be checked against a rank we refuse
-        expected = self.space.factor_shapes(int(rank))
+        bases = self._bases(update)
+        if not bases:
+            problems.append("no LoRA factors: an update adapts at least one weight")
+        expected = self.space.factor_shapes(int(rank), bases)
         problems += [f"missing array {k!r}" for k in sorted(set(expected) - set(update.params))]
         problems += [f"unexpected array {k!r}" for k in sorted(set(update.params) - set(expected))]
         for name in sorted(set(expected) & set(update.params)):
@@ -139,6 +145,11 @@ class _LoraStrategy(Strategy):
                 problems.append(f"{name!r}: contains NaN or Inf")
         return problems
 
+    def _bases(self, update: LoraUpdate) -> list[str]:
+        """The adapted weights an update carries factors for (either factor names the weight)."""
+        held = {n[: -len(suffix)] for n in update.params for suffix in (LORA_A, LORA_B) if n.endswith(suffix)}
+        return [base for base in self.space.adapted if base in held]
+
     # -- round ------------------------------------------------------------------------------------
     def begin_round(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         shapes = self.global_shapes()
@@ -149,7 +160,8 @@ class _LoraStrategy(Strategy):
                              f"{wrong} (expected {shapes})")
         self._global = {n: np.array(global_arrays[n], copy=True) for n in shapes}
         self._sums = {n: np.zeros(s) for n, s in shapes.items()}  # float64 sum_n w_n x_n
-        self._den = 0.0  # sum_n w_n
+        self._den = 0.0  # sum_n w_n, over every client (the head)
+        self._den_of = dict.fromkeys(self.space.adapted, 0.0)  # per adapted weight, over the clients holding it
         self._clients = self._samples = self._bytes = 0
 
     def fold(self, update: LoraUpdate) -> None:  # type: ignore[override]  # LoRA updates, not ClientUpdate
@@ -161,9 +173,10 @@ class _LoraStrategy(Strategy):
         w = float(update.num_samples)
         for name in self.space.head:
             self._sums[name] += w * update.params[name].astype(np.float64)
-        for base in self.space.adapted:
+        for base in self._bases(update):
             self._fold_adapter(base, update.params[base + LORA_A].astype(np.float64),
                                update.params[base + LORA_B].astype(np.float64), int(update.rank), w)
+            self._den_of[base] += w
         self._den += w
         self._clients += 1
         self._samples += int(update.num_samples)
@@ -179,10 +192,11 @@ class _LoraStrategy(Strategy):
             raise RuntimeError("finish() before begin_round()")
         new, sq = {}, 0.0
         for name, old in self._global.items():
-            if self._den == 0:  # no update this round: the global stays
+            den = self._den if name.startswith(HEAD_PREFIX) else self._den_of[name.rsplit(".", 1)[0]]
+            if den == 0:  # nobody held it this round: the global stays
                 new[name] = old
                 continue
-            agg = self._sums[name] / self._den  # float64
+            agg = self._sums[name] / den  # float64
             sq += float(np.sum((agg - old) ** 2))
             new[name] = agg.astype(old.dtype)
         stats = RoundStats(round=self.rounds, clients=self._clients, samples=self._samples,

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, UpdateRejected,
-                                       het_target, validate_update)
+from broker_server.aggregation import AggregationConfig, UpdateRejected
 from broker_server import audit
 from broker_server.config import ServerConfig
-from broker_server.slots import SlotPlanner, tokens_by_global_expert
+from broker_server.methods import make_method
 from broker_server.state import ServerState, StateStore
 from edge_runtime import wire
 from edge_runtime.manifest import Manifest
@@ -74,11 +73,11 @@ class AggregationServer:
         self.evaluate = evaluate
         self.manifest = manifest
         self.store = store
-        self.space = ParamSpace(manifest.global_params)
-        self.strategy = FftMoeStrategy(self.space, AggregationConfig(
+        self.method = make_method(config.method, manifest, AggregationConfig(
             weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
             personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier,
-            norm_policy=config.norm_policy))
+            norm_policy=config.norm_policy), gamma=config.gamma)
+        self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}
         self.inbox: queue.Queue = queue.Queue()
@@ -107,14 +106,12 @@ class AggregationServer:
         sha = self.manifest.backbone["sha256"]
         if state is None:
             with np.load(self.manifest.root / self.manifest.global_init.path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
+                arrays = self.method.initial_global({name: data[name] for name in data.files})
             return ServerState(round=0, global_arrays=arrays, backbone_sha256=sha)
         if state.backbone_sha256 != sha:
             raise ValueError(f"state folder {self.store.folder} belongs to another export (backbone "
                              f"{state.backbone_sha256[:12]}, artifacts {sha[:12]}); use a new --state-dir")
-        if state.optimizer:
-            self.strategy.load_optimizer_state(state.optimizer)
-        self.strategy.load_usage(state.usage)
+        self.method.load_state(state.optimizer, state.usage)
         log.info("resuming at round %d from %s", state.round, self.store.folder)
         return state
 
@@ -143,8 +140,8 @@ class AggregationServer:
         return self._stop.is_set()
 
     def usage(self) -> dict[str, list[float]]:
-        """The fleet's expert usage EMA: layer -> share per global expert."""
-        return {str(k): v.tolist() for k, v in self.strategy.usage.items()}
+        """The fleet's expert usage EMA: layer -> share per global expert (empty for LoRA)."""
+        return self.method.usage()
 
     def run(self) -> int:
         self.connection.start()
@@ -213,22 +210,20 @@ class AggregationServer:
             excluded |= set(outcome.failed)  # those that answered re-send their cached update if re-sampled
         log.warning("round %d: no quorum after %d attempts; waiting for devices", round_, cfg.max_attempts)
 
-    def _task(self, round_: int, device: Device, slot_map: dict[int, list[int]]) -> wire.RoundTask:
+    def _task(self, round_: int, device: Device) -> tuple[wire.RoundTask, dict[int, list[int]]]:
         cfg = self.config
-        params = self.space.gather_slots(self.state.global_arrays, slot_map)
-        target = {str(layer): het_target(self.strategy.usage[layer], slots, gamma=cfg.gamma).tolist()
-                  for layer, slots in slot_map.items()}
+        params, slot_map, target = self.method.task_fields(self.manifest.tier(device.tier), device.history,
+                                                           self.state.global_arrays)
         return wire.RoundTask(federation=cfg.federation, round=round_, device_id=device.device_id, tier=device.tier,
                               slot_map={str(layer): list(slots) for layer, slots in slot_map.items()},
                               lambda_bal=cfg.lambda_bal, lambda_het=cfg.lambda_het, het_target=target,
                               local_steps=cfg.local_steps, learning_rate=cfg.learning_rate,
                               deadline_s=cfg.round_deadline_s, upload_dtype=cfg.upload_dtype,
-                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
+                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}), slot_map
 
     def _collect(self, round_: int, participants: list[str]) -> RoundOutcome | None:
         cfg = self.config
-        planner = SlotPlanner(self.space.experts, self.strategy.usage)
-        self.strategy.begin_round(self.state.global_arrays)
+        self.method.begin_round(self.state.global_arrays)
         self._folded = 0
         if self.config.audit_log:
             audit.start_round(self.store.folder, round_)
@@ -236,10 +231,7 @@ class AggregationServer:
             self._bytes_in = {k: v for k, v in self._bytes_in.items() if k[1] == round_}
         open_tasks: dict[str, OpenTask] = {}
         for device_id in participants:
-            device = self.devices[device_id]
-            tier = self.manifest.tier(device.tier)
-            slot_map = planner.assign(list(tier.adapted_layers), tier.experts_held, device.history)
-            task = self._task(round_, device, slot_map)
+            task, slot_map = self._task(round_, self.devices[device_id])
             chunks = wire.encode(task, chunk_size=cfg.chunk_size)
             open_tasks[device_id] = OpenTask(task, slot_map, time.monotonic(), sum(map(len, chunks)))
             self.connection.publish_chunks(wire.task_topic(cfg.federation, device_id), chunks, wire.QOS_TASK)
@@ -292,14 +284,9 @@ class AggregationServer:
             outcome.failed[message.device_id] = f"{message.code.name}: {message.message}"
             log.warning("round %d: %s failed: %s %s", round_, message.device_id, message.code.name, message.message)
             return
-        update = ClientUpdate(device_id=message.device_id,
-                              params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
-                              slot_map=task.slot_map, num_samples=message.num_samples,
-                              expert_tokens={int(k): np.asarray(v, dtype=np.float64)
-                                             for k, v in message.expert_tokens.items()})
-        tier = self.manifest.tier(message.tier) if message.tier in self.manifest.tiers else None
-        expected = self.space.tier_shapes(list(tier.adapted_layers), tier.experts_held) if tier else {}
-        problems = validate_update(update, expected, self.space.experts) if tier else [f"unknown tier {message.tier!r}"]
+        tier = self.manifest.tiers.get(message.tier)
+        update = self.method.to_update(message, task.slot_map, tier) if tier else None
+        problems = self.method.problems(update, tier) if tier else [f"unknown tier {message.tier!r}"]
         with self._lock:
             size = self._bytes_in.pop((message.device_id, round_), 0)
         if size > self.config.max_update_bytes:
@@ -317,17 +304,15 @@ class AggregationServer:
         if self.config.audit_log:
             audit.record(self.store.folder, round_, self._folded, update)
         self._folded += 1
-        self.devices[message.device_id].history = tokens_by_global_expert(task.slot_map, update.expert_tokens,
-                                                                          self.space.experts)
+        history = self.devices[message.device_id].history = self.method.history(update)
         outcome.updates += 1
         outcome.bytes_up += size
         outcome.metrics.append(dict(message.metrics))
-        history = self.devices[message.device_id].history
         outcome.devices[message.device_id].update(
             status="ok", bytes_up=size, emulated_s=message.metrics.get("emulated_s"),
             compute_s=message.metrics.get("emulated_compute_s"), transfer_s=message.metrics.get("emulated_transfer_s"),
             holdout_accuracy=message.metrics.get("holdout_accuracy"), peak_rss_mb=message.metrics.get("peak_rss_mb"),
-            usage={str(layer): counts.tolist() for layer, counts in history.items()})
+            usage={str(layer): counts.tolist() for layer, counts in (history or {}).items()})
 
     def _close(self, round_: int, participants: list[str], outcome: RoundOutcome, attempt: int,
                wall: float) -> None:
@@ -347,7 +332,7 @@ class AggregationServer:
             record[f"device_{key}"] = float(np.average(values, weights=weights)) if values else None
         if self.evaluate is not None:
             record.update(self.evaluate(new_global))
-        committed = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.strategy.optimizer_state(),
+        committed = ServerState(round=round_ + 1, global_arrays=new_global, optimizer=self.method.optimizer_state(),
                                 usage=self.usage(),
                                 backbone_sha256=self.state.backbone_sha256, last_record=record)
         self.store.commit(committed)  # raises StateError (the round fails loudly) before the state advances

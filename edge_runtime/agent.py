@@ -186,7 +186,7 @@ class DeviceAgent:
             log.info("round %d: stopping; the partial round is abandoned", task.round)
             return False
         holdout_loss, holdout_acc, holdout_n = self.trainer.evaluate(self.dataset.holdout_batches(tier.batch_size))
-        layers = [str(layer) for layer in tier.adapted_layers]
+        layers = [str(layer) for layer in tier.adapted_layers] if tier.experts_held else []  # LoRA: no tokens
         metrics = {"loss": result.loss, "accuracy": result.accuracy, "train_seconds": result.train_seconds,
                    "cpu_seconds": result.cpu_seconds, "steps": float(result.steps),
                    "samples_seen": float(result.num_samples)}
@@ -257,14 +257,15 @@ class DeviceAgent:
         if set(task.params) != set(expected):
             missing, extra = sorted(set(expected) - set(task.params)), sorted(set(task.params) - set(expected))
             raise TrainerError(f"task arrays do not match tier {tier.name!r}: missing {missing[:3]}, extra {extra[:3]}")
-        layers = [str(layer) for layer in tier.adapted_layers]
+        layers = [str(layer) for layer in tier.adapted_layers] if tier.experts_held else []  # LoRA: no slots
         if sorted(task.slot_map) != sorted(layers) or any(len(task.slot_map[k]) != tier.experts_held for k in layers):
             raise TrainerError(f"slot map {task.slot_map} does not fit tier {tier.name!r} "
                                f"(layers {layers}, {tier.experts_held} slots)")
         if task.het_target:
             target = np.array([task.het_target[layer] for layer in layers], dtype=np.float32)
         else:
-            target = np.full((len(layers), tier.experts_held), 1.0 / tier.experts_held, dtype=np.float32)
+            target = np.full((len(tier.adapted_layers), tier.experts_held), 1.0 / max(tier.experts_held, 1),
+                             dtype=np.float32)
         arrays = {name: np.array(value, dtype=np.float32) for name, value in task.params.items()}
         if self.config.personal_router:
             self._apply_personal_router(arrays, task.slot_map)

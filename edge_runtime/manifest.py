@@ -64,6 +64,7 @@ class TierEntry:
     files: dict[str, FileEntry]  # role (training_model, eval_model, ...) -> file
     measured: dict[str, float] = field(default_factory=dict)  # peak_rss_mb, step_ms, threads
     description: str = ""
+    rank: int = 0  # LoRA exports: this tier's LoRA rank (FFT-MoE: the global expert rank r)
 
     @property
     def trainable_params(self) -> int:
@@ -98,7 +99,12 @@ class Manifest:
     tiers: dict[str, TierEntry]
     global_init: FileEntry
     versions: dict[str, str]
+    method: str = "fft-moe"  # the adapters: "fft-moe" (MoE experts, slot maps) or "lora" (the baselines)
     root: Path = Path(".")
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
 
     def tier(self, name: str) -> TierEntry:
         if name not in self.tiers:
@@ -151,16 +157,20 @@ def load_manifest(folder: str | Path) -> Manifest:
                             adapted_layers=tuple(t["adapted_layers"]), seq_len=t["seq_len"],
                             batch_size=t["batch_size"], params=tuple(_param(p) for p in t["params"]),
                             files={k: _file(v) for k, v in t["files"].items()},
-                            measured=dict(t.get("measured", {})), description=t.get("description", ""))
+                            measured=dict(t.get("measured", {})), description=t.get("description", ""),
+                            rank=int(t.get("rank", data["rank"])))
             for name, t in data["tiers"].items()
         }
-        return Manifest(schema=data["schema"], backbone=dict(data["backbone"]), labels=tuple(data["labels"]),
-                        experts=int(data["experts"]), rank=int(data["rank"]),
-                        global_params=tuple(_param(p) for p in data["global_params"]),
-                        train_inputs=tuple(data["train_inputs"]), train_outputs=tuple(data["train_outputs"]),
-                        infer_inputs=tuple(data["infer_inputs"]), infer_outputs=tuple(data["infer_outputs"]),
-                        tiers=tiers, global_init=_file(data["global_init"]), versions=dict(data["versions"]),
-                        root=root)
+        manifest = Manifest(schema=data["schema"], backbone=dict(data["backbone"]), labels=tuple(data["labels"]),
+                            experts=int(data["experts"]), rank=int(data["rank"]),
+                            global_params=tuple(_param(p) for p in data["global_params"]),
+                            train_inputs=tuple(data["train_inputs"]), train_outputs=tuple(data["train_outputs"]),
+                            infer_inputs=tuple(data["infer_inputs"]), infer_outputs=tuple(data["infer_outputs"]),
+                            tiers=tiers, global_init=_file(data["global_init"]), versions=dict(data["versions"]),
+                            method=str(data.get("method", "fft-moe")), root=root)
+        if manifest.method not in ("fft-moe", "lora"):
+            raise ValueError(f"unknown adapter method {manifest.method!r}")
+        return manifest
     except (KeyError, TypeError, ValueError) as err:
         raise ManifestError(f"{path}: missing or malformed field ({err!r}); re-run `fftmoe export`") from err
 

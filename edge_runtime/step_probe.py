@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--seq", type=int, required=True)
     parser.add_argument("--vocab", type=int, required=True)
-    parser.add_argument("--het-shape", required=True, help="L,M of the het_target input")
+    parser.add_argument("--het-shape", required=True, help="L,M of the het_target input (M = 0: a LoRA graph, no routing inputs)")
     parser.add_argument("--labels", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
               np.ones((args.batch, args.seq), dtype=np.int64),
               rng.integers(0, args.labels, (args.batch,), dtype=np.int64),
               np.array(0.01, dtype=np.float32), np.array(0.01, dtype=np.float32),
-              np.full((layers, experts), 1.0 / experts, dtype=np.float32)]
+              np.full((layers, max(experts, 1)), 1.0 / max(experts, 1), dtype=np.float32)]
+    if experts == 0:  # a LoRA baseline's graph: ids, mask and labels only
+        inputs = inputs[:3]
     module.train()
     times, cpu_times = [], []
     for step in range(args.steps + 1):

@@ -2,7 +2,8 @@
 
 `TierTrainer` loads a tier (after checking every file against the manifest hashes), fills its expert
 slots with the global arrays of a round, runs local AdamW steps with the FFT-MoE loss inputs, and
-returns the trained arrays with per-slot token counts, loss and accuracy. Optimiser state resets
+returns the trained arrays with per-slot token counts, loss and accuracy. A LoRA baseline's tier
+(manifest method "lora") trains the same way with no slots, no loss inputs and no token counts. Optimiser state resets
 between rounds by default (ORT 1.19.2 has no call to reset AdamW moments, so the module is rebuilt
 from the checkpoint file, ~0.3 s). It knows nothing about MQTT (see `agent.py`) or files of data
 (see `local_data.py`): batches come in as numpy arrays.
@@ -60,6 +61,7 @@ class TierTrainer:
         self.threads = threads
         self.spinning = spinning
         self._shapes = {p.name: p.shape for p in self.tier.params}
+        self._routed = not self.manifest.is_lora  # FFT-MoE graphs take the loss inputs and count tokens
         self._load()
 
     def _load(self) -> None:
@@ -117,12 +119,13 @@ class TierTrainer:
             if should_stop():
                 stopped = True
                 break
-            step_loss, logits, step_tokens = self._module(input_ids, mask, labels, *lambdas, target)
+            step_loss, logits, *step_tokens = self._module(*self._feeds(input_ids, mask, labels, *lambdas, target))
             self._optimizer.step()
             self._module.lazy_reset_grad()
             steps += 1
             losses.append(float(step_loss))
-            tokens += step_tokens
+            if step_tokens:
+                tokens += step_tokens[0]
             correct += int((logits.argmax(axis=1) == labels).sum())
             seen += len(labels)
             if on_step is not None:
@@ -138,15 +141,21 @@ class TierTrainer:
                            accuracy=correct / seen if seen else 0.0, train_seconds=wall, cpu_seconds=cpu,
                            metrics={"stopped": float(stopped)})
 
+    def _feeds(self, input_ids, mask, labels, lambda_bal, lambda_het, target) -> tuple[np.ndarray, ...]:
+        """The graph's inputs in order: a LoRA baseline's graph takes only the batch."""
+        if self._routed:
+            return input_ids, mask, labels, lambda_bal, lambda_het, target
+        return input_ids, mask, labels
+
     def evaluate(self, batches: Iterable[Batch]) -> tuple[float, float, int]:
         """(mean loss, accuracy, samples) of the current arrays on held-out batches."""
         layers, held = len(self.tier.adapted_layers), self.tier.experts_held
-        target = np.full((layers, held), 1.0 / held, dtype=np.float32)
+        target = np.full((layers, held), 1.0 / max(held, 1), dtype=np.float32)
         zero = np.array(0.0, np.float32)
         self._module.eval()
         total_loss, correct, seen = 0.0, 0, 0
         for input_ids, mask, labels in batches:
-            step_loss, logits, _ = self._module(input_ids, mask, labels, zero, zero, target)
+            step_loss, logits, *_ = self._module(*self._feeds(input_ids, mask, labels, zero, zero, target))
             total_loss += float(step_loss) * len(labels)
             correct += int((logits.argmax(axis=1) == labels).sum())
             seen += len(labels)

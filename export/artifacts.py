@@ -35,7 +35,7 @@ from edge_runtime.manifest import (GLOBAL_INIT_NAME, MANIFEST_NAME, MANIFEST_SCH
                                    ParamEntry, TierEntry, file_entry, layer_of)
 from export.backbone import Backbone, ffn_output_modules
 from export.graph_fixups import fix_forward_graph, lower_ir_version
-from export.model import (INFER_INPUTS, INFER_OUTPUTS, TRAIN_INPUTS, TRAIN_OUTPUTS, AdaptedClassifier,
+from export.model import (INFER_INPUTS, INFER_OUTPUTS, METHODS, AdaptedClassifier, LoraClassifier,
                           initial_global_value)
 from export.moe_adapter import is_adapter_param
 from export.onnx_export import export_training_onnx
@@ -57,6 +57,11 @@ class ExportOptions:
     seed: int = 0
     probe_threads: int = 2
     probe_steps: int = 5  # timed training steps in the torch-free probe (after one warm-up)
+    method: str = "fft-moe"  # "fft-moe", or "lora" for the LoRA baselines (METHOD.md "Baselines")
+    lora_rank: int | None = None  # one LoRA rank for every tier (FedIT) instead of each tier's lora_rank
+
+    def tier_lora_rank(self, tier: Tier) -> int:
+        return self.lora_rank or tier.lora_rank
 
 
 Progress = Callable[[str], None]
@@ -76,6 +81,8 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
     """Run the whole export into `options.out_dir` and return the manifest written there."""
     num_layers = len(ffn_output_modules(backbone.model))
     spec.check_against(num_layers, backbone.max_positions)
+    if options.method not in METHODS:
+        raise ExportError(f"unknown adapter method {options.method!r}; choose one of {', '.join(METHODS)}")
     if len(options.labels) < 2 or len(set(options.labels)) != len(options.labels):
         raise ExportError(f"need at least two distinct class labels, got {list(options.labels)}")
     out = options.out_dir
@@ -84,9 +91,11 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
 
     global_arrays: dict[str, np.ndarray] = {}
     tiers: dict[str, TierEntry] = {}
+    model = None
     for index, tier in enumerate(spec.tiers, start=1):
         label = f"[{index}/{len(spec.tiers)} {tier.name}]"
-        tiers[tier.name] = _export_tier(backbone, spec, tier, options, global_arrays, label, progress)
+        model = _tier_model(backbone, spec, tier, options)
+        tiers[tier.name] = _export_tier(backbone, model, tier, options, global_arrays, label, progress)
 
     progress("writing global initial arrays and manifest")
     init_path = out / GLOBAL_INIT_NAME
@@ -94,8 +103,7 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
     np.savez(buffer, **global_arrays)
     atomic_write_bytes(init_path, buffer.getvalue())
     global_params = tuple(
-        ParamEntry(name=n, shape=tuple(a.shape), dtype=str(a.dtype),
-                   slot_axis=None if n.startswith("fftmoe_head") else 0, layer=layer_of(n))
+        ParamEntry(name=n, shape=tuple(a.shape), dtype=str(a.dtype), slot_axis=_slot_axis(n, options), layer=layer_of(n))
         for n, a in global_arrays.items())
     hidden = int(backbone.model.config.hidden_size)
     manifest = Manifest(
@@ -104,14 +112,31 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
                   "vocab_size": int(backbone.model.config.vocab_size),
                   "num_layers": num_layers, "max_positions": backbone.max_positions},
         labels=tuple(options.labels), experts=spec.experts, rank=spec.rank, global_params=global_params,
-        train_inputs=TRAIN_INPUTS, train_outputs=TRAIN_OUTPUTS, infer_inputs=INFER_INPUTS,
+        train_inputs=model.train_inputs, train_outputs=model.train_outputs, infer_inputs=INFER_INPUTS,
         infer_outputs=INFER_OUTPUTS, tiers=tiers, global_init=file_entry(out, init_path),
-        versions=_tool_versions(), root=out)
+        versions=_tool_versions(), method=options.method, root=out)
     atomic_write_bytes(out / MANIFEST_NAME, manifest.to_json().encode())
     return manifest
 
 
-def _export_tier(backbone: Backbone, spec: TierSpec, tier: Tier, options: ExportOptions,
+def _slot_axis(name: str, options: ExportOptions) -> int | None:
+    """0 for the per-expert stacks of FFT-MoE; None for the head and for LoRA factors (no slots)."""
+    return None if name.startswith("fftmoe_head") or options.method == "lora" else 0
+
+
+def _tier_model(backbone: Backbone, spec: TierSpec, tier: Tier,
+                options: ExportOptions) -> AdaptedClassifier | LoraClassifier:
+    """A copy of the frozen encoder with this tier's adapters and a fresh head."""
+    encoder, labels = copy.deepcopy(backbone.model), len(options.labels)
+    if options.method == "lora":
+        r_max = max(options.tier_lora_rank(t) for t in spec.tiers)
+        return LoraClassifier(encoder, labels, rank=options.tier_lora_rank(tier), adapted_layers=tier.adapted_layers,
+                              global_rank=r_max)
+    return AdaptedClassifier(encoder, labels, rank=spec.rank, experts=tier.experts_held, top_k=tier.top_k,
+                             adapted_layers=tier.adapted_layers, global_experts=spec.experts)
+
+
+def _export_tier(backbone: Backbone, model: AdaptedClassifier | LoraClassifier, tier: Tier, options: ExportOptions,
                  global_arrays: dict[str, np.ndarray], label: str, progress: Progress) -> TierEntry:
     import onnxruntime
     from onnxruntime.training import artifacts
@@ -123,15 +148,11 @@ def _export_tier(backbone: Backbone, spec: TierSpec, tier: Tier, options: Export
     tier_dir.mkdir(parents=True)
     started = time.perf_counter()
 
-    model = AdaptedClassifier(copy.deepcopy(backbone.model), num_labels=len(options.labels), rank=spec.rank,
-                              experts=tier.experts_held, top_k=tier.top_k, adapted_layers=tier.adapted_layers)
     trainable = model.adapter_parameters()
-    for name, param in trainable.items():
+    for name in trainable:
         if name not in global_arrays:
-            shape = tuple(param.shape) if name.startswith("fftmoe_head") else (spec.experts, *param.shape[1:])
-            global_arrays[name] = initial_global_value(name, shape, options.seed)
-    slots = list(range(tier.experts_held))  # round 0 defaults; the server sends the real map each round
-    model.load_global_slots(global_arrays, slots)
+            global_arrays[name] = initial_global_value(name, model.global_shape(name), options.seed)
+    model.load_global(global_arrays)  # round 0's values; the server sends the real ones each round
 
     progress(f"{label} tracing PyTorch -> ONNX (seq {tier.seq_len}, batch {tier.batch_size})")
     forward_path = tier_dir / "forward.onnx"
@@ -143,7 +164,7 @@ def _export_tier(backbone: Backbone, spec: TierSpec, tier: Tier, options: Export
     missing = set(trainable) - set(requires_grad)
     if missing:
         raise ExportError(f"{label} adapter parameters lost in ONNX export: {sorted(missing)}")
-    check_gradients(onnx_model, requires_grad, TRAIN_OUTPUTS[0])
+    check_gradients(onnx_model, requires_grad, model.train_outputs[0])
 
     progress(f"{label} generating training artifacts ({len(requires_grad)} trainable arrays)")
     with _native_stderr_captured():
@@ -157,19 +178,22 @@ def _export_tier(backbone: Backbone, spec: TierSpec, tier: Tier, options: Export
     shutil.copyfile(backbone.tokenizer_json, tier_dir / "tokenizer.json")
 
     progress(f"{label} measuring one training step in a torch-free process")
-    measured = probe_tier(tier_dir, tier, layers=tier.adapted_layers, vocab=int(backbone.model.config.vocab_size),
+    lora = options.method == "lora"
+    measured = probe_tier(tier_dir, tier, layers=tier.adapted_layers, experts=0 if lora else tier.experts_held,
+                          vocab=int(backbone.model.config.vocab_size),
                           threads=options.probe_threads, steps=options.probe_steps)
-    params = tuple(ParamEntry(name=n, shape=tuple(p.shape), dtype="float32",
-                              slot_axis=None if n.startswith("fftmoe_head") else 0, layer=layer_of(n))
+    params = tuple(ParamEntry(name=n, shape=tuple(p.shape), dtype="float32", slot_axis=_slot_axis(n, options),
+                              layer=layer_of(n))
                    for n, p in trainable.items())
     files = {Path(f).stem: file_entry(options.out_dir, tier_dir / f) for f in TIER_FILES}
     progress(f"{label} done in {time.perf_counter() - started:.1f} s: peak RSS {measured['peak_rss_mb']:.0f} MB, "
              f"step {measured['step_ms']:.0f} ms")
     num_layers = len(ffn_output_modules(backbone.model))
-    return TierEntry(name=tier.name, experts_held=tier.experts_held, top_k=tier.top_k,
+    return TierEntry(name=tier.name, experts_held=0 if lora else tier.experts_held, top_k=0 if lora else tier.top_k,
                      adapted_layers=tuple(range(num_layers - tier.adapted_layers, num_layers)),
                      seq_len=tier.seq_len, batch_size=tier.batch_size, params=params, files=files,
-                     measured=measured, description=tier.description)
+                     measured=measured, description=tier.description,
+                     rank=model.rank)
 
 
 def _write_inference_model(tier_dir: Path) -> None:
@@ -182,10 +206,11 @@ def _write_inference_model(tier_dir: Path) -> None:
     lower_ir_version(tier_dir / "inference_model.onnx")
 
 
-def probe_tier(tier_dir: Path, tier: Tier, layers: int, vocab: int, threads: int, steps: int) -> dict[str, float]:
-    """Run `edge_runtime.step_probe` in a fresh interpreter with torch imports forbidden."""
+def probe_tier(tier_dir: Path, tier: Tier, layers: int, experts: int, vocab: int, threads: int,
+               steps: int) -> dict[str, float]:
+    """Run `edge_runtime.step_probe` in a fresh interpreter with torch imports forbidden (experts 0: LoRA)."""
     cmd = [sys.executable, "-m", "edge_runtime.step_probe", str(tier_dir), "--batch", str(tier.batch_size),
-           "--seq", str(tier.seq_len), "--vocab", str(vocab), "--het-shape", f"{layers},{tier.experts_held}",
+           "--seq", str(tier.seq_len), "--vocab", str(vocab), "--het-shape", f"{layers},{experts}",
            "--threads", str(threads), "--steps", str(steps), "--forbid-torch"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                      os.environ.get("PYTHONPATH")])))

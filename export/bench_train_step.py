@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         t = manifest.tier(name)
         probed = probe_tier(manifest.root / name, Tier(name, t.experts_held, t.top_k, len(t.adapted_layers),
                                                         t.seq_len, t.batch_size),
-                            layers=len(t.adapted_layers), vocab=manifest.backbone["vocab_size"],
+                            layers=len(t.adapted_layers), experts=t.experts_held, vocab=manifest.backbone["vocab_size"],
                             threads=args.threads, steps=3)
         record["peak_rss_mb"] = probed["peak_rss_mb"]
         records.append(record)

@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--labels-from", default="bbcnews", metavar="DATASET",
                         help="take the labels from a built-in dataset (default: bbcnews)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the global adapter initialisation")
+    parser.add_argument("--method", choices=("fft-moe", "lora"), default="fft-moe",
+                        help="adapters: FFT-MoE experts (default) or LoRA for the baselines (FedIT, HetLoRA, FlexLoRA)")
+    parser.add_argument("--lora-rank", type=int, metavar="R",
+                        help="with --method lora: one rank for every tier (FedIT) instead of each tier's lora_rank")
     parser.add_argument("--threads", type=int, default=2, help="ORT threads for the measured training step")
     parser.add_argument("--probe-steps", type=int, default=5, help="timed training steps per tier (default 5)")
     return parser
@@ -45,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from export.tiers import TierConfigError, load_tiers
 
     started = time.perf_counter()
+    if args.lora_rank is not None and (args.method != "lora" or args.lora_rank < 1):
+        print("fftmoe export: error: --lora-rank takes a positive rank and needs --method lora", file=sys.stderr)
+        return EXIT_USAGE
     try:
         spec = load_tiers(args.tiers)
         labels = (tuple(x.strip() for x in args.labels.split(",") if x.strip()) if args.labels
@@ -54,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone = load_backbone(args.model)
         manifest = export_all(backbone, spec, ExportOptions(out_dir=args.out, labels=labels, seed=args.seed,
                                                             probe_threads=args.threads,
-                                                            probe_steps=args.probe_steps), progress=_step)
+                                                            probe_steps=args.probe_steps, method=args.method,
+                                                            lora_rank=args.lora_rank), progress=_step)
     except (TierConfigError, DatasetError, BackboneError, ExportError, UnsupportedGradientError) as err:
         print(f"fftmoe export: error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -69,12 +77,14 @@ def _step(message: str) -> None:
 
 def summary_table(manifest) -> str:
     """One row per tier: shape, trainable parameters, artifact sizes, measured RSS and step time."""
-    headers = ("tier", "slots", "top-k", "layers", "seq x batch", "trainable", "train+ckpt MB",
-               "infer MB", "peak RSS MB", "step ms")
+    lora = manifest.is_lora
+    headers = ("tier", *(("LoRA rank",) if lora else ("slots", "top-k")), "layers", "seq x batch", "trainable",
+               "train+ckpt MB", "infer MB", "peak RSS MB", "step ms")
     rows = []
     for t in manifest.tiers.values():
         train_mb = sum(t.files[k].bytes for k in ("training_model", "eval_model", "optimizer_model", "checkpoint")) / 1e6
-        rows.append((t.name, t.experts_held, t.top_k, len(t.adapted_layers), f"{t.seq_len} x {t.batch_size}",
+        shape = (t.rank,) if lora else (t.experts_held, t.top_k)
+        rows.append((t.name, *shape, len(t.adapted_layers), f"{t.seq_len} x {t.batch_size}",
                      f"{t.trainable_params:,}", f"{train_mb:.1f}", f"{t.files['inference_model'].bytes / 1e6:.1f}",
                      f"{t.measured['peak_rss_mb']:.0f}", f"{t.measured['step_ms']:.0f}"))
     return format_table(headers, rows)

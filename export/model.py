@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.backbone import ffn_output_modules
+from export.lora_adapter import LORA_A, LORA_B, add_lora, initial_lora_value
 from export.moe_adapter import AdaptedFFNOutput, MoEAdapter, RoutingStats, is_adapter_param
 
 # Inputs and outputs of the training graph, in order. The device runtime feeds and reads these
@@ -27,6 +28,10 @@ TRAIN_INPUTS = ("input_ids", "attention_mask", "labels", "lambda_bal", "lambda_h
 TRAIN_OUTPUTS = ("loss", "logits", "expert_tokens")
 INFER_INPUTS = ("input_ids", "attention_mask")
 INFER_OUTPUTS = ("logits",)
+# The LoRA baselines' graph: plain cross-entropy, no routing.
+LORA_TRAIN_INPUTS = TRAIN_INPUTS[:3]
+LORA_TRAIN_OUTPUTS = TRAIN_OUTPUTS[:2]
+METHODS = ("fft-moe", "lora")  # what an export adapts with
 
 _EPS = 1e-9
 _INIT_STD = 0.02  # normal init of the expert input projection, router rows and head weight
@@ -39,25 +44,55 @@ def initial_global_value(name: str, shape: tuple[int, ...], seed: int) -> np.nda
     Every tier slices its slots out of these arrays, so all tiers and the server start from one
     global model whatever order the tiers are exported in.
     """
+    if name.endswith((LORA_A, LORA_B)):
+        return initial_lora_value(name, shape, seed)
     if name.rsplit(".", 1)[-1] in _ZERO_INIT:
         return np.zeros(shape, dtype=np.float32)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return (rng.standard_normal(shape) * _INIT_STD).astype(np.float32)
 
 
-class AdaptedClassifier(nn.Module):
-    """A frozen encoder whose last `adapted_layers` FFNs carry an MoE adapter, plus a linear head.
+class _HeadedEncoder(nn.Module):
+    """A frozen encoder and a linear head on the masked mean of its last hidden state."""
 
-    `experts` is the number of slots this tier holds (M_t), `top_k` its k_t. The head reads the
-    masked mean of the last hidden state.
-    """
-
-    def __init__(self, encoder: nn.Module, num_labels: int, rank: int, experts: int, top_k: int,
-                 adapted_layers: int):
+    def __init__(self, encoder: nn.Module, num_labels: int):
         super().__init__()
         self.backbone = encoder
         for p in self.backbone.parameters():
             p.requires_grad_(False)
+        self.fftmoe_head = nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable arrays by name: every adapter parameter and the head."""
+        return {n: p for n, p in self.named_parameters() if is_adapter_param(n)}
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Class logits [B, C] for a batch of token ids [B, T] and its padding mask [B, T]."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, d]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, d]
+        return self.fftmoe_head(pooled)  # [B, C]
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the global array `name` this model's parameter is a slice of."""
+        raise NotImplementedError
+
+    def load_global(self, global_arrays: dict[str, np.ndarray]) -> None:
+        """Fill the trainable arrays from global arrays, as a device starts round 0."""
+        raise NotImplementedError
+
+
+class AdaptedClassifier(_HeadedEncoder):
+    """A frozen encoder whose last `adapted_layers` FFNs carry an MoE adapter, plus a linear head.
+
+    `experts` is the number of slots this tier holds (M_t), `top_k` its k_t; `global_experts` is M.
+    """
+
+    train_inputs, train_outputs = TRAIN_INPUTS, TRAIN_OUTPUTS
+
+    def __init__(self, encoder: nn.Module, num_labels: int, rank: int, experts: int, top_k: int,
+                 adapted_layers: int, global_experts: int | None = None):
+        super().__init__(encoder, num_labels)
         outputs = ffn_output_modules(encoder)
         if not 1 <= adapted_layers <= len(outputs):
             raise ValueError(f"adapted_layers={adapted_layers} must be between 1 and {len(outputs)}")
@@ -68,12 +103,15 @@ class AdaptedClassifier(nn.Module):
             wrapped = AdaptedFFNOutput(base, MoEAdapter(hidden, rank, experts, top_k))
             setattr(parent, attr, wrapped)
             self.adapted.append(wrapped)
-        self.fftmoe_head = nn.Linear(hidden, num_labels)
-        self.num_experts = experts
+        self.num_experts, self.rank = experts, rank
+        self.global_experts = global_experts or experts
 
-    def adapter_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable arrays by name: every adapter parameter and the head."""
-        return {n: p for n, p in self.named_parameters() if is_adapter_param(n)}
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.adapter_parameters()[name].shape)
+        return shape if name.startswith("fftmoe_head") else (self.global_experts, *shape[1:])
+
+    def load_global(self, global_arrays: dict[str, np.ndarray]) -> None:
+        self.load_global_slots(global_arrays, list(range(self.num_experts)))  # round 0's default slots
 
     def load_global_slots(self, global_arrays: dict[str, np.ndarray], slots: list[int]) -> None:
         """Fill this tier's slots from global arrays ([M, ...] stacks); the head is copied whole."""
@@ -85,12 +123,10 @@ class AdaptedClassifier(nn.Module):
                 else:
                     param.copy_(torch.from_numpy(value[slots]))
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Class logits [B, C] for a batch of token ids [B, T] and its padding mask [B, T]."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, d]
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)  # [B, d]
-        return self.fftmoe_head(pooled)  # [B, C]
+    def example_inputs(self, batch: int, seq_len: int, vocab: int) -> tuple:
+        layers = len(self.adapted)
+        het_target = torch.full((layers, self.num_experts), 1.0 / self.num_experts)
+        return (*_text_inputs(batch, seq_len, vocab), torch.tensor(0.01), torch.tensor(0.01), het_target)
 
     def forward(self, input_ids, attention_mask, labels, lambda_bal, lambda_het, het_target):
         logits = self.logits(input_ids, attention_mask)  # [B, C]
@@ -100,6 +136,53 @@ class AdaptedClassifier(nn.Module):
         bal, het, tokens = routing_losses(stats, token_mask, het_target)
         loss = ce + lambda_bal * bal + lambda_het * het
         return loss, logits, tokens
+
+
+class LoraClassifier(_HeadedEncoder):
+    """The LoRA baselines' model: LoRA of `rank` on the FFN projections of the top `adapted_layers`
+    layers (export/lora_adapter.py) and the same head; loss = cross-entropy. The global factors are at
+    `global_rank` (r_max); this tier takes the top `rank` rows of A and columns of B."""
+
+    train_inputs, train_outputs = LORA_TRAIN_INPUTS, LORA_TRAIN_OUTPUTS
+
+    def __init__(self, encoder: nn.Module, num_labels: int, rank: int, adapted_layers: int,
+                 global_rank: int | None = None):
+        super().__init__(encoder, num_labels)
+        self.adapted = add_lora(encoder, rank, adapted_layers)
+        self.rank, self.global_rank = rank, global_rank or rank
+
+    def global_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self.adapter_parameters()[name].shape)
+        if name.endswith(LORA_A):
+            return (self.global_rank, shape[1])
+        return (shape[0], self.global_rank) if name.endswith(LORA_B) else shape
+
+    def load_global(self, global_arrays: dict[str, np.ndarray]) -> None:
+        with torch.no_grad():
+            for name, param in self.adapter_parameters().items():
+                value = global_arrays[name]
+                if name.endswith(LORA_A):
+                    value = value[: self.rank]  # [r, d_in]
+                elif name.endswith(LORA_B):
+                    value = value[:, : self.rank]  # [d_out, r]
+                param.copy_(torch.from_numpy(np.ascontiguousarray(value)))
+
+    def example_inputs(self, batch: int, seq_len: int, vocab: int) -> tuple:
+        return _text_inputs(batch, seq_len, vocab)
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.logits(input_ids, attention_mask)  # [B, C]
+        return F.cross_entropy(logits, labels), logits
+
+
+def _text_inputs(batch: int, seq_len: int, vocab: int) -> tuple:
+    """input_ids, attention_mask, labels with the training graph's shapes and dtypes, for tracing."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=generator)
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.int64)
+    attention_mask[0, seq_len // 2:] = 0  # one padded row, so masking is traced
+    labels = torch.zeros(batch, dtype=torch.int64)
+    return input_ids, attention_mask, labels
 
 
 def routing_losses(stats: list[RoutingStats], token_mask: torch.Tensor, het_target: torch.Tensor):

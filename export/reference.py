@@ -12,16 +12,22 @@ import numpy as np
 
 from edge_runtime.manifest import Manifest
 from export.backbone import Backbone
-from export.model import AdaptedClassifier
+from export.model import AdaptedClassifier, LoraClassifier
 
 
-def reference_model(manifest: Manifest, tier_name: str, backbone: Backbone) -> AdaptedClassifier:
-    """AdaptedClassifier for `tier_name` with the slots filled as exported (global experts 0..M_t-1)."""
+def reference_model(manifest: Manifest, tier_name: str, backbone: Backbone) -> AdaptedClassifier | LoraClassifier:
+    """The model of `tier_name` with its arrays as exported (FFT-MoE: global experts 0..M_t-1 in the
+    slots; LoRA: the top rows / columns of the global factors)."""
     if backbone.sha256 != manifest.backbone["sha256"]:
         raise ValueError(f"backbone {backbone.model_id} is not the one {manifest.root} was exported from")
     tier = manifest.tier(tier_name)
-    model = AdaptedClassifier(copy.deepcopy(backbone.model), num_labels=len(manifest.labels), rank=manifest.rank,
-                              experts=tier.experts_held, top_k=tier.top_k, adapted_layers=len(tier.adapted_layers))
+    encoder, labels, layers = copy.deepcopy(backbone.model), len(manifest.labels), len(tier.adapted_layers)
+    if manifest.is_lora:
+        model = LoraClassifier(encoder, labels, rank=tier.rank, adapted_layers=layers,
+                               global_rank=max(t.rank for t in manifest.tiers.values()))
+    else:
+        model = AdaptedClassifier(encoder, labels, rank=manifest.rank, experts=tier.experts_held, top_k=tier.top_k,
+                                  adapted_layers=layers, global_experts=manifest.experts)
     with np.load(manifest.root / manifest.global_init.path, allow_pickle=False) as arrays:
-        model.load_global_slots(dict(arrays), list(range(tier.experts_held)))
+        model.load_global(dict(arrays))
     return model

@@ -37,6 +37,7 @@ class Tier:
     seq_len: int  # tokens per sample
     batch_size: int  # samples per local step
     description: str = ""
+    lora_rank: int = 0  # rank of the LoRA baselines' adapters in this tier; 0 = the global rank r
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,8 @@ def parse_tiers(text: str, source: str = "<string>") -> TierSpec:
                           adapted_layers=_int(source, where, table, "adapted_layers", 1, 1024),
                           seq_len=_int(source, where, table, "seq_len", 2, 1 << 16),
                           batch_size=_int(source, where, table, "batch_size", 1, 4096),
-                          description=description))
+                          description=description,
+                          lora_rank=_int(source, where, table, "lora_rank", 1, 4096) if "lora_rank" in table else rank))
     return TierSpec(experts=experts, rank=rank, tiers=tuple(tiers), source=source)
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "machine: export, partition, broker, server and one process per device.")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="backbone (default all-MiniLM-L6-v2, offline)")
     p.add_argument("--tiers", type=Path, help="tiers TOML (default: the built-in four tiers)")
+    p.add_argument("--method", choices=("fft-moe", "fedit", "hetlora", "flexlora"), default="fft-moe",
+                   help="FFT-MoE (default) or a LoRA baseline of METHOD.md on the same tiers, layers, data and fleet")
+    p.add_argument("--weighting", choices=("samples", "activation"), default="samples",
+                   help="FFT-MoE aggregation weights: samples (the paper's |D_n|) or tokens routed to each expert")
+    p.add_argument("--personalise-router", action="store_true",
+                   help="FFT-MoE: devices keep their own router rows; only experts and head are aggregated")
     p.add_argument("--artifacts", type=Path, help="use this export instead of the cached one")
     p.add_argument("--cache", type=Path, default=Path("artifacts/cache"), help="export cache folder")
     p.add_argument("--dataset", default="bbcnews", help="built-in name or a CSV / JSON Lines / Parquet file")
@@ -74,21 +81,42 @@ def export_cached(args) -> Path:
         return args.artifacts
     labels = load_dataset(args.dataset, args.text_column, args.label_column).label_names
     tiers_text = args.tiers.read_text(encoding="utf-8") if args.tiers else "default"
-    key = hashlib.sha256(json.dumps([args.model, tiers_text, list(labels), args.seed, version("fftmoe")]).encode())
+    adapters = _export_adapters(args)
+    key = hashlib.sha256(json.dumps([args.model, tiers_text, list(labels), args.seed, version("fftmoe")]
+                                    + ([adapters] if adapters else [])).encode())
     folder = args.cache / key.hexdigest()[:16]
     if (folder / "manifest.json").is_file():
         _step(f"export: cached at {folder}")
         return folder
-    _step(f"export: {args.model} -> {folder} (first run only)")
+    _step(f"export: {args.model} -> {folder} (first run only{'; ' + ' '.join(adapters) if adapters else ''})")
     cmd = [sys.executable, "-m", "fftmoe.cli", "export", "--model", args.model, "--out", str(folder),
            "--labels", ",".join(labels), "--seed", str(args.seed)] + (["--tiers", str(args.tiers)] if args.tiers else [])
+    cmd += adapters
     if subprocess.run(cmd).returncode != 0:
         raise RuntimeError("the export failed (see above)")
     return folder
 
 
+def _export_adapters(args) -> list[str]:
+    """Extra `fftmoe export` flags of the method: LoRA for the baselines, and FedIT's single rank (the
+    smallest tier's, METHOD.md "Baselines")."""
+    if args.method == "fft-moe":
+        return []
+    if args.method != "fedit":
+        return ["--method", "lora"]
+    from export.tiers import load_tiers  # tomllib only: no torch in this process
+
+    spec = load_tiers(args.tiers)
+    smallest = min(spec.tiers, key=lambda t: t.adapted_layers * t.experts_held)
+    return ["--method", "lora", "--lora-rank", str(smallest.lora_rank)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router):
+        print("fftmoe run: error: --weighting and --personalise-router are FFT-MoE options; the LoRA baselines "
+              "run sample-weighted FedAvg as published", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from hw_profiles.fleet import FleetError, parse_fleet
@@ -111,8 +139,7 @@ def _run(args, fleet) -> int:
     from edge_runtime.manifest import load_manifest
     from edge_runtime.mqtt import BrokerConfig
     from hw_profiles.global_model import GlobalModel
-    from hw_profiles.partition import load_dataset, partition, skew, split_test, write_shards
-    from hw_profiles.profiles import calibrate_host_core_gflops, load_profile, profile_path, tier_for
+    from hw_profiles.profiles import calibrate_host_core_gflops, profile_path
     from hw_profiles.report import summary_lines, write_report
 
     started = time.perf_counter()
@@ -122,38 +149,17 @@ def _run(args, fleet) -> int:
     host_gflops = calibrate_host_core_gflops()
     _step(f"host calibration: {host_gflops:.2f} GFLOPS per core (float32 matmul)")
 
-    members = []
-    for m in fleet:
-        profile = load_profile(m.profile)
-        tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
-                                 local_steps=args.local_steps)
-        if tier is None:
-            by_size = sorted(manifest.tiers.values(), key=lambda t: t.trainable_params)
-            fitting = [t for t in by_size if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * 0.8]
-            tier = (fitting or by_size)[0].name
-            if fitting:  # too slow for the budget in every tier: the smallest that fits, as the straggler
-                _step(f"{m.device_id} ({m.profile}) is too slow for a {args.round_budget_s:.0f} s round in any tier; "
-                      f"it gets the smallest, {tier}, and will be the straggler")
-            else:  # emulate what would happen on the real board rather than refusing the fleet
-                _step(f"{m.device_id} ({m.profile}): no tier fits its {profile.usable_ram_mb:.0f} MB of usable memory; "
-                      f"it gets {tier} and will most likely be killed for running out of memory")
-        members.append((m, profile, tier))
-
-    dataset = load_dataset(args.dataset, args.text_column, args.label_column)
-    train_idx, test_idx = split_test(dataset, args.test_fraction, args.seed)
-    train_labels = [dataset.labels[i] for i in train_idx]
-    shards = partition(train_labels, len(members), args.partition, alpha=args.alpha, seed=args.seed)
-    paths = write_shards(dataset, train_idx, shards, test_idx, run_dir / "data", [m.device_id for m, _, _ in members],
-                         scheme=args.partition, alpha=args.alpha, seed=args.seed)
-    label_skew = skew(shards, train_labels)
-    _step(f"data: {dataset.source}, {len(train_idx)} training samples over {len(members)} devices "
+    members = assign_tiers(fleet, manifest, args, host_gflops)
+    data = prepare_data(args, [m.device_id for m, _, _ in members], run_dir / "data")
+    dataset, shards, paths = data.dataset, data.shards, data.paths
+    _step(f"data: {dataset.source}, {data.train_size} training samples over {len(members)} devices "
           f"({args.partition}{f' alpha={args.alpha}' if args.partition == 'dirichlet' else ''}, label skew "
-          f"TV {label_skew['mean_tv']:.2f}), {len(test_idx)} held-out test samples")
+          f"TV {data.skew['mean_tv']:.2f}), {data.test_size} held-out test samples")
     fleet_info = {"devices": [{"device_id": m.device_id, "profile": m.profile, "tier": tier,
                                "train_samples": int(len(shard))} for (m, _, tier), shard in zip(members, shards)],
                   "experts": manifest.experts, "layers": sorted({p.layer for p in manifest.global_params
                                                                    if p.layer is not None}),
-                  "labels": list(manifest.labels), "method": "fft-moe", "dataset": dataset.source,
+                  "labels": list(manifest.labels), "method": args.method, "dataset": dataset.source,
                   "partition": f"dirichlet({args.alpha})" if args.partition == "dirichlet" else "iid",
                   "host_core_gflops": host_gflops}
     (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
@@ -173,6 +179,8 @@ def _run(args, fleet) -> int:
                    "--seed", str(args.seed * 1000 + index), "--holdout-fraction", "0.2"]  # own batches, dropouts
             if args.memory_limit_mb is not None:
                 cmd += ["--memory-limit-mb", str(args.memory_limit_mb)]
+            if args.personalise_router:
+                cmd += ["--personal-router"]
             devices[m.device_id] = subprocess.Popen(cmd, stdout=open(logs / f"{m.device_id}.log", "w"),
                                                     stderr=subprocess.STDOUT)
         alive = _wait_until_loaded(devices, logs)
@@ -183,11 +191,12 @@ def _run(args, fleet) -> int:
                               rounds=args.rounds, min_devices=len(alive), min_updates=1,
                               round_deadline_s=args.round_deadline_s, local_steps=args.local_steps,
                               learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
-                              lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed)
-        global_model = GlobalModel(manifest, paths["test"])
-        server = AggregationServer(config, manifest, StateStore(config.state_dir),
-                                   BrokerConfig(port=broker.port),
-                                   evaluate=lambda arrays: global_model.evaluate(arrays, server.usage()))
+                              lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
+                              method=args.method, weighting=args.weighting,
+                              personalise_router=args.personalise_router)
+        server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
+        global_model = GlobalModel(manifest, paths["test"], server.method)
+        server.evaluate = global_model.evaluate
         watcher = threading.Thread(target=_watch_devices, args=(devices, server), daemon=True)
         watcher.start()
         server.run()
@@ -207,7 +216,7 @@ def _run(args, fleet) -> int:
     (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
     (run_dir / "metrics.jsonl").write_text((run_dir / "state" / "metrics.jsonl").read_text())
     np.savez(run_dir / "global_adapter.npz", **state.global_arrays)
-    model = global_model.export(state.global_arrays, run_dir / "model", state.usage)
+    model = global_model.export(state.global_arrays, run_dir / "model")
     write_report(run_dir)
     print("\n".join(summary_lines(run_dir)))
     oom = [d for d, code in exits.items() if code == 137]
@@ -217,6 +226,66 @@ def _run(args, fleet) -> int:
           f"total wall time {time.perf_counter() - started:.0f} s)")
     print(f"try: fftmoe predict --model {model} \"Shares rose after the bank reported record profits\"")
     return 0
+
+
+def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
+    """(member, profile, tier name) per fleet member: the largest tier its memory and round budget allow;
+    a device no tier fits still gets one (the smallest that fits its memory, else the smallest) and
+    is announced as the straggler or the likely out-of-memory kill, as on the real board."""
+    from hw_profiles.profiles import load_profile, tier_for
+
+    members = []
+    for m in fleet:
+        profile = load_profile(m.profile)
+        tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
+                                 local_steps=args.local_steps)
+        if tier is None:
+            by_size = sorted(manifest.tiers.values(), key=lambda t: t.trainable_params)
+            fitting = [t for t in by_size if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * 0.8]
+            tier = (fitting or by_size)[0].name
+            if fitting:  # too slow for the budget in every tier: the smallest that fits, as the straggler
+                _step(f"{m.device_id} ({m.profile}) is too slow for a {args.round_budget_s:.0f} s round in any tier; "
+                      f"it gets the smallest, {tier}, and will be the straggler")
+            else:  # emulate what would happen on the real board rather than refusing the fleet
+                _step(f"{m.device_id} ({m.profile}): no tier fits its {profile.usable_ram_mb:.0f} MB of usable memory; "
+                      f"it gets {tier} and will most likely be killed for running out of memory")
+        members.append((m, profile, tier))
+    return members
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's data: the dataset, one training shard per device (row indices), and the files written."""
+
+    dataset: object  # partition.Dataset
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    shards: list
+    paths: dict  # device id -> its CSV, and "test" -> the global held-out split
+    skew: dict
+
+    @property
+    def train_size(self) -> int:
+        return len(self.train_idx)
+
+    @property
+    def test_size(self) -> int:
+        return len(self.test_idx)
+
+
+def prepare_data(args, device_ids: list[str], folder: Path) -> RunData:
+    """Split off the global test set, partition the rest over `device_ids` and write the files. The same
+    (dataset, partition, alpha, seed, test fraction) gives the same files, so runs of different methods
+    and the references of `fftmoe bench accuracy` see identical data."""
+    from hw_profiles.partition import load_dataset, partition, skew, split_test, write_shards
+
+    dataset = load_dataset(args.dataset, args.text_column, args.label_column)
+    train_idx, test_idx = split_test(dataset, args.test_fraction, args.seed)
+    train_labels = [dataset.labels[i] for i in train_idx]
+    shards = partition(train_labels, len(device_ids), args.partition, alpha=args.alpha, seed=args.seed)
+    paths = write_shards(dataset, train_idx, shards, test_idx, folder, device_ids,
+                         scheme=args.partition, alpha=args.alpha, seed=args.seed)
+    return RunData(dataset, train_idx, test_idx, list(shards), paths, skew(shards, train_labels))
 
 
 def _wait_until_loaded(devices: dict[str, subprocess.Popen], logs: Path, timeout: float = 300.0) -> list[str]:

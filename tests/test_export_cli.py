@@ -38,7 +38,7 @@ def test_folder_without_config(capsys, tmp_path):
     ("experts_held = 4", "experts_held = 6", "experts_held = 6 exceeds the global expert count 4"),
     ("top_k = 1", "top_k = 3", "top_k = 3 exceeds experts_held = 2"),
     ("seq_len = 32", "seq_len = 65", "seq_len 65 above the model's maximum of 64"),
-    ("batch_size = 4\n\n[tiers.big]", "batch_size = 4\nwidth = 3\n\n[tiers.big]", "unknown key(s) ['width']"),
+    ("lora_rank = 2\n\n[tiers.big]", "lora_rank = 2\nwidth = 3\n\n[tiers.big]", "unknown key(s) ['width']"),
 ])
 def test_bad_tiers(capsys, tmp_path, tiny_model_dir, old, new, message):
     code, line = _run(capsys, "--model", str(tiny_model_dir), "--tiers", _tiers(tmp_path, old, new),

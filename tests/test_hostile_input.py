@@ -60,13 +60,24 @@ def forged(message, **fields):
     return copy
 
 
+class FixedSlots:
+    """A slot planner giving every device global experts 0..M_t-1, so updates can be built without the task."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def assign(self, layers, held, history):
+        return slot_map_of(self.server)
+
+
 def open_round(server, round_=ROUND, devices=(DEV,)):
-    server.strategy.begin_round(server.state.global_arrays)
+    server.method.begin_round(server.state.global_arrays)
+    server.method.planner = FixedSlots(server)
     tasks, outcome = {}, RoundOutcome()
     for device in devices:
         server._register(wire.Hello(device_id=device, profile="generic", tier="small"))
-        task = server._task(round_, server.devices[device], slot_map_of(server))
-        tasks[device] = OpenTask(task, slot_map_of(server), time.monotonic(), 0)
+        task, slot_map = server._task(round_, server.devices[device])
+        tasks[device] = OpenTask(task, slot_map, time.monotonic(), 0)
         outcome.devices[device] = {"status": "missed"}
     return tasks, outcome
 
@@ -102,7 +113,8 @@ def clean_global(manifest, tmp_path_factory):
 
 def wire_messages(server) -> list[tuple[str, wire.Message]]:
     """One valid message of every wire type, each with the topic it belongs on."""
-    task = server._task(ROUND, server.devices.get(DEV) or _device(server), slot_map_of(server))
+    server.method.begin_round(server.state.global_arrays)
+    task, _ = server._task(ROUND, server.devices.get(DEV) or _device(server))
     return [
         (wire.presence_topic(FED, DEV), wire.Hello(DEV, "generic", "small", 3, {"python": "3"})),
         (wire.presence_topic(FED, DEV), wire.Presence(DEV, True, 1.5)),

@@ -142,7 +142,10 @@ def test_truncated_metrics_line_is_dropped_not_fatal(tmp_path):
 
 
 class _FakeStrategy:
-    usage = {0: np.array([0.5, 0.5])}
+    """Stands in for both the server's method and its strategy: what `_close` calls."""
+
+    def usage(self):
+        return {"0": [0.5, 0.5]}
 
     def finish(self):
         stats = SimpleNamespace(samples=10, clipped=0, usage_share={0: np.array([0.5, 0.5])}, pseudo_grad_norm=1.0,
@@ -159,7 +162,8 @@ def test_server_close_with_failing_commit_keeps_previous_state(tmp_path, monkeyp
     store = _committed(tmp_path)
     published = []
     server = AggregationServer.__new__(AggregationServer)
-    server.store, server.strategy, server.evaluate = store, _FakeStrategy(), None
+    server.store, server.evaluate = store, None
+    server.strategy = server.method = _FakeStrategy()
     server.config = SimpleNamespace(federation="e2e")
     server.connection = SimpleNamespace(publish_chunks=lambda *a, **kw: published.append(a))
     server.state = store.load()

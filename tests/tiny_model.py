@@ -57,6 +57,7 @@ top_k = 1
 adapted_layers = 1
 seq_len = 16
 batch_size = 4
+lora_rank = 2
 
 [tiers.big]
 experts_held = 4
@@ -64,6 +65,7 @@ top_k = 2
 adapted_layers = 2
 seq_len = 32
 batch_size = 4
+lora_rank = 4
 """
 
 
