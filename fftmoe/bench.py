@@ -12,6 +12,7 @@ import sys
 BENCHMARKS = {
     "train-step": ("export.bench_train_step", "ORT training step vs PyTorch eager per tier, with peak RSS"),
     "aggregate": ("broker_server.bench_aggregate", "streaming aggregation throughput vs memcpy, peak RSS per client count"),
+    "accuracy": ("hw_profiles.bench_accuracy", "every method on the same partitions and seeds: resumable accuracy grid"),
 }
 
 
