@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import socket
 import threading
+import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,23 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    """Return once something accepts TCP connections on host:port; TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
+
+
+def mosquitto_binary() -> str | None:
+    """Debian's mosquitto (the broker the benches and tests compare against), None if not installed."""
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
 class EmbeddedBroker:

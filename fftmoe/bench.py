@@ -13,6 +13,7 @@ BENCHMARKS = {
     "train-step": ("export.bench_train_step", "ORT training step vs PyTorch eager per tier, with peak RSS"),
     "aggregate": ("broker_server.bench_aggregate", "streaming aggregation throughput vs memcpy, peak RSS per client count"),
     "accuracy": ("hw_profiles.bench_accuracy", "every method on the same partitions and seeds: resumable accuracy grid"),
+    "fleet": ("broker_server.bench_fleet", "simulated devices upload through a real broker: aggregated vs broker-only rate, peak RSS per N"),
 }
 
 

@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from broker_server.embedded_broker import EmbeddedBroker, free_port
+from broker_server.embedded_broker import EmbeddedBroker, free_port, wait_for_port  # noqa: F401 (re-exported)
+from broker_server.embedded_broker import mosquitto_binary as find_mosquitto
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    found = find_mosquitto()
     if found is None:
         raise RuntimeError("Debian's mosquitto is not installed: apt-get install -y mosquitto (.ci/run does)")
     return found
-
-
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
 
 
 class Mosquitto:
