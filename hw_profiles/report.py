@@ -335,8 +335,12 @@ def _write_png(path, fleet, rounds):
             _plot_accuracy(axes[0], rounds)
             _plot_times(axes[1], rounds, devices)
             _plot_bytes(axes[2], rounds, devices)
-            n_experts = int(min(max(_num(fleet.get("experts")) or 0, 0), 1024))  # a corrupt value must not OOM
-            _plot_usage(fig, grid[1, 1], rounds, devices, n_experts)
+            method = str(fleet.get("method") or "fft-moe")
+            if method in ("fft-moe", "local", "central"):
+                n_experts = int(min(max(_num(fleet.get("experts")) or 0, 0), 1024))  # a corrupt value must not OOM
+                _plot_usage(fig, grid[1, 1], rounds, devices, n_experts)
+            else:  # a LoRA baseline
+                _empty(fig.add_subplot(grid[1, 1]), "Expert usage per tier", f"{method}: LoRA adapters, no experts")
         fig.savefig(path, dpi=100)
         plt.close(fig)
 
