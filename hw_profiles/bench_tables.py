@@ -104,7 +104,8 @@ def render_markdown(result: dict) -> str:
              f"(updated {result['updated']}).", "",
              "Accuracy in %: mean over seeds, ± the sample standard deviation when there are several. Held-out: "
              "the devices' accuracy on their own held-out split (last round, sample-weighted). Bytes per device per "
-             "round: mean over rounds of the round's total / participants. Emulated time: mean per round. Usage "
+             "round: mean over rounds of the round's total over the devices that uploaded (up) or were sent a task "
+             "(down). Emulated time: mean per round. Usage "
              "entropy: nats, last round (n/a for LoRA methods).", ""]
     head = ["method", "seeds", "final test acc", "best test acc", "held-out acc", "up / device / round",
             "down / device / round", "emulated round (s)", "usage entropy"]
