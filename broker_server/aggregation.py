@@ -283,8 +283,7 @@ class FftMoeStrategy(Strategy):
             total = counts.sum()
             if total > 0:  # a layer nobody routed through keeps its usage
                 share[layer] = counts / total  # [M]
-                nz = share[layer][share[layer] > 0]
-                entropy[layer] = float(-np.sum(nz * np.log(nz)))
+                entropy[layer] = share_entropy(counts)
                 self.usage[layer] = decay * self.usage[layer] + (1 - decay) * share[layer]
         if self._norms:
             self._prev_median = float(np.median(self._norms))
@@ -353,6 +352,16 @@ class FftMoeStrategy(Strategy):
                 raise ValueError(f"usage for layer {key!r}: expected a layer of {self.space.layers} and "
                                  f"{self.space.experts} shares")
             self.usage[layer] = share.copy()
+
+
+def share_entropy(counts: np.ndarray) -> float | None:
+    """Entropy (nats) of the token share over experts given token counts [M]; None if nothing was routed."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return None
+    share = counts[counts > 0] / total
+    return float(-np.sum(share * np.log(share)))
 
 
 def het_target(usage: np.ndarray, slots: Sequence[int], gamma: float = 1.0, eps: float = 1e-3) -> np.ndarray:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import shutil
@@ -30,8 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hw_profiles.bench_tables import (_DIR, ABLATIONS, METHODS, REFERENCES, mean_known, render_markdown, summary,
-                                     write_plot)
+from edge_runtime.local_state import atomic_write_bytes
+from hw_profiles.bench_tables import _DIR, ABLATIONS, METHODS, REFERENCES, render_markdown, summary, write_plot
+from hw_profiles.report import finite, load_run, mean_known
 
 DEFAULT_FLEET = "pi-zero-2w:1,pi3b-plus:1,pi4-2gb:1,pi4-4gb:1,pi5-8gb:1,jetson-nano:1,orin-nano:1,agx-orin:1"
 PASS_THROUGH = ("model", "tiers", "dataset", "text_column", "label_column", "cache", "learning_rate")
@@ -152,24 +152,17 @@ def cell_command(cell: Cell, args, run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "fftmoe.cli", "run"] + common + ["--method", method] + ABLATIONS.get(cell.name, [])
 
 
-def _num(value) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
 def summarise_run(run_dir: Path) -> dict:
     """The numbers of one finished run folder (metrics.jsonl, fleet.json); raises BenchError if it has none."""
-    from hw_profiles.report import load_run
-
     fleet, rounds = load_run(run_dir)
-    curve = [{"round": r["round"], "test_accuracy": _num(r.get("test_accuracy")),
-              "device_holdout_accuracy": _num(r.get("device_holdout_accuracy"))} for r in rounds]
+    curve = [{"round": r["round"], "test_accuracy": finite(r.get("test_accuracy")),
+              "device_holdout_accuracy": finite(r.get("device_holdout_accuracy"))} for r in rounds]
     accs = [c["test_accuracy"] for c in curve if c["test_accuracy"] is not None]
     if not accs:
         raise BenchError(f"{run_dir / 'metrics.jsonl'} has no round with a test accuracy")
 
     def per_device(key, count):  # mean over rounds of the round's total / the devices it counts
-        return mean_known(_num(r.get(key)) / r[count] if _num(r.get(key)) is not None and r.get(count) else None
+        return mean_known(finite(r.get(key)) / r[count] if finite(r.get(key)) is not None and r.get(count) else None
                           for r in rounds)
 
     held = [c["device_holdout_accuracy"] for c in curve if c["device_holdout_accuracy"] is not None]
@@ -178,14 +171,8 @@ def summarise_run(run_dir: Path) -> dict:
             "holdout_accuracy": held[-1] if held else None,
             "bytes_up_per_device_round": per_device("bytes_up", "updates"),  # per device that uploaded
             "bytes_down_per_device_round": per_device("bytes_down", "participants"),
-            "emulated_round_s": mean_known(_num(r.get("emulated_round_s")) for r in rounds),
-            "usage_entropy": _num(rounds[-1].get("usage_entropy")), "devices": len(fleet.get("devices") or [])}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+            "emulated_round_s": mean_known(finite(r.get("emulated_round_s")) for r in rounds),
+            "usage_entropy": finite(rounds[-1].get("usage_entropy")), "devices": len(fleet.get("devices") or [])}
 
 
 def _group_alive(pgid: int) -> bool:
@@ -237,12 +224,12 @@ def run_cell(cell: Cell, args, out: Path) -> dict:
             raise BenchError(f"exit code {code}")
         record = summarise_run(run_dir)
     except BenchError as err:
-        _write_atomic(folder / "failed.json", json.dumps({"cell": cell.key, "error": str(err), "log": str(log),
-                                                           "at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        failure = {"cell": cell.key, "error": str(err), "log": str(log), "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_bytes(folder / "failed.json", (json.dumps(failure) + "\n").encode())
         raise BenchError(f"{err}; log: {log}") from None
     record.update(partition=cell.partition, name=cell.name, kind=cell.kind, seed=cell.seed,
                   wall_s=round(time.time() - started, 1), run_dir=str(run_dir.relative_to(out)), command=cmd)
-    _write_atomic(folder / "cell.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_bytes(folder / "cell.json", (json.dumps(record, indent=1) + "\n").encode())
     _drop_bulk(run_dir)
     return record
 
@@ -280,8 +267,8 @@ def write_outputs(out: Path, settings: dict, planned: list[Cell]) -> dict:
     keys = {c.key for c in planned}
     pending = sum(not (c.folder(out) / "cell.json").is_file() for c in planned)
     result = summary(finished, settings, [f for f in failed if f.get("cell") in keys], pending)
-    _write_atomic(out / "accuracy.json", json.dumps(result, indent=1) + "\n")
-    _write_atomic(out / "accuracy.md", render_markdown(result))
+    atomic_write_bytes(out / "accuracy.json", (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "accuracy.md", render_markdown(result).encode())
     if result["rows"]:
         write_plot(out / "accuracy.png", result)
     return result
@@ -298,7 +285,7 @@ def _check_settings(out: Path, settings: dict) -> None:
         if diff:
             raise BenchError(f"{out} holds cells run with other settings ({'; '.join(diff)}); use another --out")
     else:
-        _write_atomic(path, json.dumps(settings, indent=1) + "\n")
+        atomic_write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
 def _lock(out: Path):
@@ -362,7 +349,7 @@ def _run_grid(args, out: Path, cells: list[Cell], settings: dict) -> dict | None
     for record in load_cells(out)[0]:
         walls.setdefault(record.get("name"), []).append(record.get("wall_s") or 0.0)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
-    started = time.time()
+    started, result = time.time(), None
     try:
         for i, cell in enumerate(todo):
             k = done + i + 1
@@ -377,14 +364,15 @@ def _run_grid(args, out: Path, cells: list[Cell], settings: dict) -> dict | None
             eta = sum(mean_known(walls.get(c.name, [])) or mean_known(every) or 0.0 for c in todo[i + 1:])
             _progress(f"{k}/{len(cells)} {cell.key}: {what}; elapsed {_duration(time.time() - started)}, "
                       f"ETA {_duration(eta) if every or i + 1 == len(todo) else 'unknown'}")
-            write_outputs(out, settings, cells)
+            result = write_outputs(out, settings, cells)
     except KeyboardInterrupt:
         _progress("stopped; finished cells are kept: run the same command again to resume")
         write_outputs(out, settings, cells)
         return None
     finally:
         signal.signal(signal.SIGTERM, previous)
-    result = write_outputs(out, settings, cells)
+    if result is None:  # nothing ran: the tables of what is there
+        result = write_outputs(out, settings, cells)
     if result["failed"]:
         _progress(f"{len(result['failed'])} cell(s) failed; each is listed with its log in {out / 'accuracy.md'}")
     return result

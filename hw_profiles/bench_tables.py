@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from hw_profiles.report import mean_known
+
 METHODS = ("fft-moe", "fedit", "hetlora", "flexlora", "local", "central")
 REFERENCES = ("local", "central")
 ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
@@ -28,11 +30,6 @@ def _order(partition: str, name: str) -> tuple:
     alpha = float(partition[3:]) if _DIR.match(partition) else math.inf  # iid first, then decreasing alpha
     names = METHODS + tuple(ABLATIONS)
     return (-alpha, partition, names.index(name) if name in names else len(names), name)
-
-
-def mean_known(values) -> float | None:
-    known = [v for v in values if v is not None]
-    return sum(known) / len(known) if known else None
 
 
 def aggregate(cells: list[dict]) -> list[dict]:

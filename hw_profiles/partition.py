@@ -172,7 +172,8 @@ def skew(shards: Sequence[np.ndarray], labels: Sequence[str]) -> dict:
             "mean_classes_per_device": float((counts > 0).sum(axis=1).mean()), "num_classes": num_classes}
 
 
-def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    """A `text,label` CSV: the file format every device shard and test split is written in."""
     with path.open("w", encoding="utf-8", newline="") as f:  # newline="": csv quotes embedded newlines itself
         writer = csv.writer(f)
         writer.writerow(["text", "label"])
@@ -215,9 +216,9 @@ def write_shards(dataset: Dataset, train_idx: np.ndarray, shards: Sequence[np.nd
     paths: dict[str, Path] = {}
     for name, rows in zip(names, rows_per_device):
         paths[name] = out / f"{name}.csv"
-        _write_csv(paths[name], [(dataset.texts[i], dataset.labels[i]) for i in rows])
+        write_csv(paths[name], [(dataset.texts[i], dataset.labels[i]) for i in rows])
     paths["test"] = out / "test.csv"
-    _write_csv(paths["test"], [(dataset.texts[i], dataset.labels[i]) for i in test_idx])
+    write_csv(paths["test"], [(dataset.texts[i], dataset.labels[i]) for i in test_idx])
     train_labels = [dataset.labels[i] for i in train_idx]
     summary = {
         "source": dataset.source, "scheme": scheme, "alpha": alpha, "seed": seed,

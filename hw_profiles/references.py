@@ -21,7 +21,6 @@ baseline method (FedIT / HetLoRA / FlexLoRA run through `fftmoe run --method`).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -88,11 +87,9 @@ def _q(tokens: np.ndarray | None, layers: int, held: int) -> np.ndarray:
 
 def _entropy(by_layer: dict[int, np.ndarray]) -> float | None:
     """Mean over layers of the entropy (nats) of the token share over global experts, as the server logs it."""
-    values = []
-    for counts in by_layer.values():
-        if counts.sum() > 0:
-            share = counts[counts > 0] / counts.sum()
-            values.append(float(-np.sum(share * np.log(share))))
+    from broker_server.aggregation import share_entropy
+
+    values = [e for e in map(share_entropy, by_layer.values()) if e is not None]
     return float(np.mean(values)) if values else None
 
 
@@ -169,6 +166,7 @@ def _central_files(manifest, data, members, args, folder: Path) -> tuple[Path, P
     """Every device's training rows in one CSV, every device's held-out rows in another (the same
     rows the device processes of `fftmoe run` train on and hold out)."""
     from edge_runtime.local_data import encode_labels, load_records, split_holdout
+    from hw_profiles.partition import write_csv
 
     train_rows, held_rows = [], []
     for index, (member, _, _) in enumerate(members):
@@ -180,10 +178,7 @@ def _central_files(manifest, data, members, args, folder: Path) -> tuple[Path, P
         held_rows += [records[i] for i in held]
     paths = folder / "central-train.csv", folder / "central-holdout.csv"
     for path, rows in zip(paths, (train_rows, held_rows)):
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["text", "label"])
-            writer.writerows([r.text, r.label] for r in rows)
+        write_csv(path, [(r.text, r.label) for r in rows])
     return paths
 
 
@@ -234,15 +229,15 @@ def _fmt(value) -> str:
 
 def _finish(out: Path, args, manifest, data, method: str, devices: list[dict], lines: list[dict]) -> None:
     """fleet.json, then metrics.jsonl (written whole, then renamed), then the usual report."""
+    from edge_runtime.local_state import atomic_write_bytes
     from hw_profiles.report import write_report
 
     fleet_info = {"devices": devices, "experts": manifest.experts, "labels": list(manifest.labels), "method": method,
                   "dataset": data.dataset.source, "partition": _partition_name(args), "seed": args.seed,
                   "rounds": args.rounds, "local_steps": args.local_steps}
     (out / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(line, sort_keys=True) + "\n" for line in lines))
-    os.replace(tmp, out / "metrics.jsonl")
+    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+    atomic_write_bytes(out / "metrics.jsonl", text.encode())
     try:
         write_report(out)
     except ImportError:  # matplotlib missing: the metrics are what matters here

@@ -29,7 +29,7 @@ def _colour(tier):
     return TIER_COLOURS.get(tier, "#7f7f7f")
 
 
-def _num(value):
+def finite(value):
     """A finite float, or None for missing / non-numeric / NaN / infinite values."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -42,7 +42,8 @@ def _total(values):
     return sum(known) if known else None
 
 
-def _mean(values):
+def mean_known(values):
+    """Mean of the known values, or None when none is known."""
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
 
@@ -64,7 +65,7 @@ def load_run(run_dir):
         except ValueError:
             continue
         if isinstance(row, dict):
-            row["round"] = int(_num(row.get("round")) if _num(row.get("round")) is not None else len(rounds))
+            row["round"] = int(finite(row.get("round")) if finite(row.get("round")) is not None else len(rounds))
             devices = row.get("devices") if isinstance(row.get("devices"), dict) else {}
             row["devices"] = {str(k): v if isinstance(v, dict) else {} for k, v in devices.items()}
             rounds.append(row)
@@ -84,18 +85,18 @@ def _devices(fleet, rounds):
 
 def _finished(row):
     """[(emulated_s, device_id)] of the devices with a recorded emulated time this round."""
-    return [(t, d) for d, dev in row["devices"].items() if (t := _num(dev.get("emulated_s"))) is not None]
+    return [(t, d) for d, dev in row["devices"].items() if (t := finite(dev.get("emulated_s"))) is not None]
 
 
 def _round_emulated(row):
     """The round's emulated time, else its slowest device (the straggler sets the round's pace)."""
-    value = _num(row.get("emulated_round_s"))
+    value = finite(row.get("emulated_round_s"))
     return value if value is not None else max(_finished(row), default=(None,))[0]
 
 
 def _round_bytes(row, key):
-    value = _num(row.get(key))
-    return value if value is not None else _total(_num(dev.get(key)) for dev in row["devices"].values())
+    value = finite(row.get(key))
+    return value if value is not None else _total(finite(dev.get(key)) for dev in row["devices"].values())
 
 
 def _not_ok(row):
@@ -104,7 +105,7 @@ def _not_ok(row):
 
 def _fmt(value, spec=".2f", scale=1.0, unit=""):
     """A number for a table cell or summary line, or n/a when it is missing."""
-    return NA if (value := _num(value)) is None else f"{format(value * scale, spec)}{unit}"
+    return NA if (value := finite(value)) is None else f"{format(value * scale, spec)}{unit}"
 
 
 def _pct(value):
@@ -136,9 +137,10 @@ def _status_counts(rounds):
 
 def _summary(fleet, rounds):
     """[(label, value)]: the one set of summary numbers both the CLI and the HTML show."""
-    accs = [(a, r["round"]) for r in rounds if (a := _num(r.get("test_accuracy"))) is not None]
+    accs = [(a, r["round"]) for r in rounds if (a := finite(r.get("test_accuracy"))) is not None]
     best = max(accs, key=lambda x: x[0], default=None)
-    emulated, wall = _mean(_round_emulated(r) for r in rounds), _mean(_num(r.get("wall_round_s")) for r in rounds)
+    emulated = mean_known(_round_emulated(r) for r in rounds)
+    wall = mean_known(finite(r.get("wall_round_s")) for r in rounds)
     times = f"{_fmt(emulated, '.1f', unit=' s')} emulated vs {_fmt(wall, '.1f', unit=' s')} wall"
     if emulated and wall:
         times += f" ({emulated / wall:.1f}x)"
@@ -181,8 +183,8 @@ def _round_axis(ax, xs, labels=None):
 
 def _plot_accuracy(ax, rounds):
     xs = [r["round"] for r in rounds]
-    acc = [(x, 100 * a) for x, r in zip(xs, rounds) if (a := _num(r.get("test_accuracy"))) is not None]
-    held = [(x, 100 * a) for x, r in zip(xs, rounds) if (a := _num(r.get("device_holdout_accuracy"))) is not None]
+    acc = [(x, 100 * a) for x, r in zip(xs, rounds) if (a := finite(r.get("test_accuracy"))) is not None]
+    held = [(x, 100 * a) for x, r in zip(xs, rounds) if (a := finite(r.get("device_holdout_accuracy"))) is not None]
     if not acc and not held:
         return _empty(ax, "Accuracy per round", "no accuracy recorded")
     if acc:
@@ -208,7 +210,7 @@ def _plot_times(ax, rounds, devices):
     nth_in_tier = {}
     for dev_id, tier in devices:
         k = nth_in_tier[tier] = nth_in_tier.get(tier, -1) + 1
-        ys = [_num(r["devices"].get(dev_id, {}).get("emulated_s")) for r in rounds]
+        ys = [finite(r["devices"].get(dev_id, {}).get("emulated_s")) for r in rounds]
         if all(y is None for y in ys):
             continue
         ax.plot(xs, [float("nan") if y is None else y for y in ys], ls=("-", "--", ":", "-.")[k % 4], marker="o",
@@ -236,7 +238,7 @@ def _plot_bytes(ax, rounds, devices):
     from matplotlib.ticker import FuncFormatter
 
     title = "Traffic per device, summed over rounds"
-    rows = [(dev_id, tier, *(sum(_num(r["devices"].get(dev_id, {}).get(key)) or 0 for r in rounds)
+    rows = [(dev_id, tier, *(sum(finite(r["devices"].get(dev_id, {}).get(key)) or 0 for r in rounds)
                              for key in ("bytes_up", "bytes_down"))) for dev_id, tier in devices]
     if not any(up or down for _, _, up, down in rows):
         return _empty(ax, title, "no per-device byte counts")
@@ -264,7 +266,7 @@ def _usage_by_tier(rounds, devices):
         values = values if isinstance(values, list) else []
         acc.extend([0.0] * (len(values) - len(acc)))
         for e, v in enumerate(values):
-            acc[e] += max(_num(v) or 0.0, 0.0)
+            acc[e] += max(finite(v) or 0.0, 0.0)
 
     tier_of, out = dict(devices), {}
     for row in rounds:
@@ -337,7 +339,7 @@ def _write_png(path, fleet, rounds):
             _plot_bytes(axes[2], rounds, devices)
             method = str(fleet.get("method") or "fft-moe")
             if method in ("fft-moe", "local", "central"):
-                n_experts = int(min(max(_num(fleet.get("experts")) or 0, 0), 1024))  # a corrupt value must not OOM
+                n_experts = int(min(max(finite(fleet.get("experts")) or 0, 0), 1024))  # a corrupt value must not OOM
                 _plot_usage(fig, grid[1, 1], rounds, devices, n_experts)
             else:  # a LoRA baseline
                 _empty(fig.add_subplot(grid[1, 1]), "Expert usage per tier", f"{method}: LoRA adapters, no experts")
