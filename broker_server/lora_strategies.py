@@ -41,9 +41,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_server.aggregation import RoundStats, Strategy
+from edge_runtime import manifest
 
-# The adapter prefix rule of export/moe_adapter.py (`fftmoe_`) makes these the trainable set too.
-LORA_A, LORA_B, LORA_PRODUCT = ".fftmoe_lora_A", ".fftmoe_lora_B", ".fftmoe_lora_BA"
+# Suffixes of the factor names the exporter writes (edge_runtime.manifest), and of FlexLoRA's global product.
+LORA_A, LORA_B, LORA_PRODUCT = "." + manifest.LORA_A, "." + manifest.LORA_B, "." + manifest.LORA_B + "A"
 HEAD_PREFIX = "fftmoe_head"
 
 
@@ -225,6 +226,15 @@ class _LoraStrategy(Strategy):
             out[base + LORA_B] = np.array(global_arrays[base + LORA_B][:, :rank], copy=True)  # [d_out, rank]
         return out
 
+    def client_views(self, global_arrays: Mapping[str, np.ndarray],
+                     ranks: Sequence[int]) -> dict[int, dict[str, np.ndarray]]:
+        """`client_view` for each distinct rank."""
+        return {int(r): self.client_view(global_arrays, r) for r in ranks}
+
+    def initial_global(self, init: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global state of round 0 from the export's initial factors at r_max (here: those factors)."""
+        return dict(init)
+
 
 class HetLoraStrategy(_LoraStrategy):
     """HetLoRA: zero-pad each client's factors to r_max, sample-weighted average; truncate per client."""
@@ -241,7 +251,23 @@ class FedItStrategy(_LoraStrategy):
 
 
 class FlexLoraStrategy(_LoraStrategy):
-    """FlexLoRA: sample-weighted average of the full products B_n A_n; truncated SVD per client rank."""
+    """FlexLoRA: sample-weighted average of the full products B_n A_n; truncated SVD per client rank.
+
+    `init` (the export's initial factors at r_max: A random, B zero) is what a client starts from while
+    a product is exactly zero, as before the first round: a zero product has no singular directions
+    to hand out, and zero factors could never leave zero.
+    """
+
+    def __init__(self, space: LoraSpace, r_max: int, init: Mapping[str, np.ndarray] | None = None):
+        super().__init__(space, r_max)
+        self.init = dict(init or {})
+
+    def initial_global(self, init: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head and, per adapted weight, the product B A of the initial factors (zero: B = 0)."""
+        arrays = {n: np.asarray(init[n]) for n in self.space.head}
+        for base in self.space.adapted:
+            arrays[base + LORA_PRODUCT] = init[base + LORA_B] @ init[base + LORA_A]  # [d_out, d_in]
+        return arrays
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
         """The product `<base>.fftmoe_lora_BA` [d_out, d_in] per adapted weight, and the head."""
@@ -265,6 +291,11 @@ class FlexLoraStrategy(_LoraStrategy):
         views = {int(r): {n: np.array(global_arrays[n], copy=True) for n in self.space.head} for r in ranks}
         for base in self.space.adapted:
             product = global_arrays[base + LORA_PRODUCT]
+            if self.init and not np.any(product):  # nothing to decompose yet: the initial factors
+                for r, view in views.items():
+                    view[base + LORA_A] = np.array(self.init[base + LORA_A][:r], copy=True)  # [r, d_in]
+                    view[base + LORA_B] = np.array(self.init[base + LORA_B][:, :r], copy=True)  # [d_out, r]
+                continue
             u, s, vt = np.linalg.svd(product.astype(np.float64), full_matrices=False)  # [d_out, k], [k], [k, d_in]
             root = np.sqrt(s)  # [k], k = min(d_out, d_in) >= r_max
             for r, view in views.items():

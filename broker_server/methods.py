@@ -16,8 +16,7 @@ import numpy as np
 
 from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target,
                                        validate_update)
-from broker_server.lora_strategies import (HEAD_PREFIX, LORA_A, LORA_B, LORA_PRODUCT, FedItStrategy,
-                                           FlexLoraStrategy, HetLoraStrategy, LoraSpace, LoraUpdate)
+from broker_server.lora_strategies import FedItStrategy, FlexLoraStrategy, HetLoraStrategy, LoraSpace, LoraUpdate
 from broker_server.slots import SlotPlanner, tokens_by_global_expert
 from edge_runtime import wire
 from edge_runtime.manifest import Manifest, TierEntry
@@ -101,10 +100,8 @@ class MoeMethod:
 class LoraMethod:
     """A LoRA baseline: FedIT, HetLoRA or FlexLoRA on a `fftmoe export --method lora` folder.
 
-    Tasks carry the tier's factors at its rank (`client_view`), only for the weights the tier adapts.
-    FlexLoRA's global state is the product B A, zero at the start, whose SVD has no directions to hand
-    out; while a product is exactly zero its clients start from the export's LoRA initialisation (A
-    random, B zero), as a fresh LoRA would.
+    Tasks carry the tier's factors at its rank (`client_views`), only for the weights the tier adapts.
+    FlexLoRA gets the export's initial factors for the rounds before its products have any direction.
     """
 
     def __init__(self, method: str, manifest: Manifest):
@@ -112,44 +109,29 @@ class LoraMethod:
             raise MethodError(f"{manifest.root} is an FFT-MoE export; {method} needs `fftmoe export --method lora`")
         self.method, self.manifest = method, manifest
         self.space, r_max = LoraSpace.from_factor_shapes({p.name: p.shape for p in manifest.global_params})
-        ranks = sorted({t.rank for t in manifest.tiers.values()})
+        self.ranks = sorted({t.rank for t in manifest.tiers.values()})
         if method == "fedit":
-            if len(ranks) != 1:
-                raise MethodError(f"FedIT runs every client at one rank, but {manifest.root} has tier ranks {ranks}; "
-                                  "export with `fftmoe export --method lora --lora-rank R`")
+            if len(self.ranks) != 1:
+                raise MethodError(f"FedIT runs every client at one rank, but {manifest.root} has tier ranks "
+                                  f"{self.ranks}; export with `fftmoe export --method lora --lora-rank R`")
             self.strategy = FedItStrategy(self.space, r_max)
+        elif method == "hetlora":
+            self.strategy = HetLoraStrategy(self.space, r_max)
         else:
-            self.strategy = (FlexLoraStrategy if method == "flexlora" else HetLoraStrategy)(self.space, r_max)
-        with np.load(manifest.root / manifest.global_init.path, allow_pickle=False) as data:
-            self._init = {n: data[n] for n in data.files}  # the export's LoRA init (FlexLoRA's round-0 factors)
+            with np.load(manifest.root / manifest.global_init.path, allow_pickle=False) as data:
+                init = {n: data[n] for n in data.files}
+            self.strategy = FlexLoraStrategy(self.space, r_max, init=init)
         self._views: dict[int, dict[str, np.ndarray]] = {}
 
     def initial_global(self, init: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.method != "flexlora":
-            return dict(init)
-        arrays = {n: a for n, a in init.items() if n.startswith(HEAD_PREFIX)}
-        for base in self.space.adapted:
-            arrays[base + LORA_PRODUCT] = init[base + LORA_B] @ init[base + LORA_A]  # [d_out, d_in], zero: B = 0
-        return arrays
+        return self.strategy.initial_global(init)
 
     def usage(self) -> dict[str, list[float]]:
         return {}  # no experts, no routing
 
     def begin_round(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         self.strategy.begin_round(global_arrays)
-        self._views = self.views(global_arrays, sorted({t.rank for t in self.manifest.tiers.values()}))
-
-    def views(self, global_arrays: Mapping[str, np.ndarray], ranks: list[int]) -> dict[int, dict[str, np.ndarray]]:
-        """rank -> the arrays a client at that rank starts from (every adapted weight, and the head)."""
-        if self.method != "flexlora":
-            return {r: self.strategy.client_view(global_arrays, r) for r in ranks}
-        views = self.strategy.client_views(global_arrays, ranks)  # one SVD per adapted weight
-        for base in self.space.adapted:  # a zero product: hand out the initial factors instead
-            if not np.any(global_arrays[base + LORA_PRODUCT]):
-                for r in ranks:
-                    views[r][base + LORA_A] = self._init[base + LORA_A][:r]
-                    views[r][base + LORA_B] = self._init[base + LORA_B][:, :r]
-        return views
+        self._views = self.strategy.client_views(global_arrays, self.ranks)  # rank -> what a client starts from
 
     def task_fields(self, tier: TierEntry, history, global_arrays) -> tuple[dict, dict, dict]:
         view = self._views[tier.rank]
@@ -177,7 +159,7 @@ class LoraMethod:
     def serving_arrays(self, global_arrays: Mapping[str, np.ndarray], tier: TierEntry) -> dict[str, np.ndarray]:
         """What a deployed model of `tier` runs with: its rank's view of the global factors (FlexLoRA: the
         best rank-r approximation of the averaged products)."""
-        view = self.views(global_arrays, [tier.rank])[tier.rank]
+        view = self.strategy.client_view(global_arrays, tier.rank)
         return {p.name: view[p.name] for p in tier.params}
 
     def load_state(self, optimizer: Mapping[str, np.ndarray], usage: Mapping) -> None:

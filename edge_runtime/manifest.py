@@ -27,6 +27,11 @@ class ArtifactIntegrityError(ValueError):
     """An artifact file is missing or its sha256 differs from the manifest."""
 
 
+# The LoRA baselines' factor names, `<frozen weight>.fftmoe_lora_A` [r, d_in] and `.fftmoe_lora_B` [d_out, r]:
+# the exporter names its parameters so and the server's LoRA strategies find them so.
+LORA_A, LORA_B = "fftmoe_lora_A", "fftmoe_lora_B"
+
+
 def layer_of(name: str) -> int | None:
     """Encoder layer of an adapter array name (`...layer.{l}...`), None for the head: the naming rule
     the exporter writes into `ParamEntry.layer` and the server reads back."""

@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_runtime.manifest import LORA_A, LORA_B  # noqa: F401 (the naming rule; re-exported for export.model)
 from export.backbone import BackboneError
-
-LORA_A, LORA_B = "fftmoe_lora_A", "fftmoe_lora_B"
 
 
 class LoraLinear(nn.Module):
@@ -59,13 +58,8 @@ def add_lora(encoder: nn.Module, rank: int, adapted_layers: int) -> list[LoraLin
     return wrapped
 
 
-def initial_lora_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """The initial global value of a LoRA factor at r_max: A uniform(+-1/sqrt(d_in)), B zero. A tier at
-    rank r takes the top r rows of A and columns of B, so every rank starts from the same function."""
-    import zlib
-
-    if name.endswith(LORA_B):
-        return np.zeros(shape, dtype=np.float32)
-    bound = 1.0 / math.sqrt(shape[1])  # A [r_max, d_in]
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+def initial_lora_a(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """The initial global A [r_max, d_in]: uniform in +-1/sqrt(d_in) (B starts at zero). A tier at rank r
+    takes the top r rows of A and columns of B, so every rank starts from the same function."""
+    bound = 1.0 / math.sqrt(shape[1])
     return rng.uniform(-bound, bound, shape).astype(np.float32)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from export.backbone import ffn_output_modules
-from export.lora_adapter import LORA_A, LORA_B, add_lora, initial_lora_value
+from export.lora_adapter import LORA_A, LORA_B, add_lora, initial_lora_a
 from export.moe_adapter import AdaptedFFNOutput, MoEAdapter, RoutingStats, is_adapter_param
 
 # Inputs and outputs of the training graph, in order. The device runtime feeds and reads these
@@ -35,7 +35,7 @@ METHODS = ("fft-moe", "lora")  # what an export adapts with
 
 _EPS = 1e-9
 _INIT_STD = 0.02  # normal init of the expert input projection, router rows and head weight
-_ZERO_INIT = ("b1", "w2", "b2", "bias")  # W2 and b2 at zero: the adapted model starts as the backbone
+_ZERO_INIT = ("b1", "w2", "b2", "bias", LORA_B)  # W2, b2 and LoRA's B at zero: the model starts as the backbone
 
 
 def initial_global_value(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -44,11 +44,11 @@ def initial_global_value(name: str, shape: tuple[int, ...], seed: int) -> np.nda
     Every tier slices its slots out of these arrays, so all tiers and the server start from one
     global model whatever order the tiers are exported in.
     """
-    if name.endswith((LORA_A, LORA_B)):
-        return initial_lora_value(name, shape, seed)
     if name.rsplit(".", 1)[-1] in _ZERO_INIT:
         return np.zeros(shape, dtype=np.float32)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    if name.endswith(LORA_A):
+        return initial_lora_a(shape, rng)
     return (rng.standard_normal(shape) * _INIT_STD).astype(np.float32)
 
 
