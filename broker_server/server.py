@@ -32,6 +32,7 @@ from edge_runtime.manifest import Manifest
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
 
 log = logging.getLogger("fftmoe.server")
+RESEND_SCAN_S = 0.2  # how often open tasks are checked for a due re-send (and the inbox polled when idle)
 
 
 @dataclass
@@ -214,12 +215,13 @@ class AggregationServer:
         cfg = self.config
         params, slot_map, target = self.method.task_fields(self.manifest.tier(device.tier), device.history,
                                                            self.state.global_arrays)
-        return wire.RoundTask(federation=cfg.federation, round=round_, device_id=device.device_id, tier=device.tier,
+        task = wire.RoundTask(federation=cfg.federation, round=round_, device_id=device.device_id, tier=device.tier,
                               slot_map={str(layer): list(slots) for layer, slots in slot_map.items()},
                               lambda_bal=cfg.lambda_bal, lambda_het=cfg.lambda_het, het_target=target,
                               local_steps=cfg.local_steps, learning_rate=cfg.learning_rate,
                               deadline_s=cfg.round_deadline_s, upload_dtype=cfg.upload_dtype,
-                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}), slot_map
+                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
+        return task, slot_map
 
     def _collect(self, round_: int, participants: list[str]) -> RoundOutcome | None:
         cfg = self.config
@@ -242,19 +244,24 @@ class AggregationServer:
             outcome.devices[device_id] = {"profile": device.profile, "tier": device.tier, "status": "missed",
                                           "bytes_down": task.bytes_down, "bytes_up": 0}
         deadline = time.monotonic() + cfg.round_deadline_s
-        while any(not t.answered for t in open_tasks.values()) and time.monotonic() < deadline:
+        waiting = dict.fromkeys(open_tasks)  # unanswered, in send order: no per-message scan of every task
+        next_scan = time.monotonic() + RESEND_SCAN_S
+        while waiting and time.monotonic() < deadline:
             if self._stop.is_set():
                 return None
-            message = self._drain(timeout=0.2)
+            message = self._drain(timeout=RESEND_SCAN_S)
             now = time.monotonic()
-            for device_id, task in open_tasks.items():
-                resend = isinstance(message, wire.Hello) and message.device_id == device_id
-                if not task.answered and (resend or now - task.sent_at > cfg.resend_interval_s):
-                    # A fresh message id: receivers drop a repeated id as a transport duplicate, but
-                    # this is a deliberate retry (the device answers it with its cached update).
-                    task.sent_at = now
-                    self.connection.publish_chunks(wire.task_topic(cfg.federation, device_id),
-                                                   wire.encode(task.message, chunk_size=cfg.chunk_size))
+            due = [message.device_id] if isinstance(message, wire.Hello) and message.device_id in waiting else []
+            if now >= next_scan:
+                next_scan = now + RESEND_SCAN_S
+                due += [d for d in waiting if now - open_tasks[d].sent_at > cfg.resend_interval_s]
+            for device_id in dict.fromkeys(due):
+                # A fresh message id: receivers drop a repeated id as a transport duplicate, but
+                # this is a deliberate retry (the device answers it with its cached update).
+                task = open_tasks[device_id]
+                task.sent_at = now
+                self.connection.publish_chunks(wire.task_topic(cfg.federation, device_id),
+                                               wire.encode(task.message, chunk_size=cfg.chunk_size))
             if isinstance(message, (wire.Update, wire.ErrorReply)):
                 self._answer(round_, message, open_tasks, outcome)
             elif isinstance(message, wire.Presence) and not message.online:
@@ -263,6 +270,9 @@ class AggregationServer:
                     task.answered = True
                     outcome.failed[message.device_id] = "went offline"
                     log.warning("round %d: %s went offline", round_, message.device_id)
+            device_id = getattr(message, "device_id", None)
+            if device_id in waiting and open_tasks[device_id].answered:
+                del waiting[device_id]
         for device_id, reason in outcome.failed.items():
             outcome.devices[device_id]["status"] = "missed" if reason == "went offline" else "failed"
         for device_id, task in open_tasks.items():
