@@ -7,8 +7,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from broker_server.embedded_broker import free_port
 from tests.brokers import mosquitto_binary, wait_for_port
 from tests.federation import start_devices, start_server, stop_all, wait_for_rounds
@@ -35,10 +33,6 @@ def start_mosquitto(config: Path, port: int, log: Path) -> subprocess.Popen:
 
 
 def test_federation_across_two_bridged_edges(tiny_export, tmp_path):
-    try:
-        mosquitto_binary()
-    except RuntimeError as err:
-        pytest.skip(str(err))
     core_port, edge_ports = free_port(), [free_port(), free_port()]
     brokers = [start_mosquitto(render("core.conf", tmp_path, "core.conf", CORE_PORT=core_port,
                                       CORE_BIND="127.0.0.1"), core_port, tmp_path / "core.log")]
