@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_runtime import wire
 from edge_runtime.device_config import DeviceConfig
-from edge_runtime.emulation import Emulation, peak_resident_mb, sleep_transfer
+from edge_runtime.emulation import Emulation, cpu_turn, peak_resident_mb, sleep_transfer
 from edge_runtime.local_state import DeviceState, LocalState
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
 from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, take_steps
@@ -175,9 +175,14 @@ class DeviceAgent:
                          loss, rate)
 
         try:
-            result = self.trainer.train_round(arrays, batches, LossInputs(task.lambda_bal, task.lambda_het, target),
-                                              task.learning_rate, reset_optimizer=cfg.reset_optimizer,
-                                              on_step=progress, should_stop=self._stop.is_set)
+            with cpu_turn(self.emulation, self.trainer.threads, self._stop.is_set) as waited:
+                if waited < 0:
+                    log.info("round %d: stopping while waiting for a host core", task.round)
+                    return False
+                result = self.trainer.train_round(arrays, batches, LossInputs(task.lambda_bal, task.lambda_het,
+                                                                              target),
+                                                  task.learning_rate, reset_optimizer=cfg.reset_optimizer,
+                                                  on_step=progress, should_stop=self._stop.is_set)
         except (TrainerError, RuntimeError) as err:
             log.error("round %d: training failed: %s", task.round, err)
             self._reply_error(task.round, wire.ErrorCode.TRAINING_FAILED, str(err))

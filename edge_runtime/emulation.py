@@ -8,14 +8,17 @@ Applied to a real device agent (`fftmoe device run --emulate PROFILE`), never a 
 - availability: each round the device drops out (goes offline for that round) with probability
   1 - availability, drawn from a seeded generator;
 - emulated time: compute time = this process's CPU seconds x host core speed / (profile core speed
-  x threads). CPU time, unlike wall time, does not grow when several emulated devices share the
-  host's cores, so reported times do not depend on how many devices run at once. ORT's spinning
-  worker threads would burn CPU time while idle, so emulation turns spinning off.
+  x threads). CPU time, unlike wall time, does not grow with the number of devices sharing the
+  host's cores, provided they do not time-slice those cores (which costs cache refills): so a device
+  trains only while it holds one host core slot per thread (`cpu_turn`, `cpu_slots.py`), and
+  reported times do not depend on how many devices run at once. ORT's spinning worker threads would
+  burn CPU time while idle, so emulation turns spinning off.
 The profile files live in `hw_profiles/profiles/`; this module reads only the fields it applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -167,6 +170,17 @@ class MemoryWatchdog:
                          f"{self.limit_mb:.0f} MB\n")
         sys.stderr.flush()
         os._exit(OOM_EXIT_CODE)
+
+
+def cpu_turn(emulation: Emulation | None, threads: int, should_stop=lambda: False):
+    """Context manager around a round's training: under emulation, wait for `threads` of the host's
+    core slots (`cpu_slots.py`) and yield the seconds waited (-1.0: stopped while waiting); without
+    emulation a real device owns its cores and this yields 0.0 at once."""
+    if emulation is None:
+        return contextlib.nullcontext(0.0)
+    from edge_runtime.cpu_slots import CpuSlots  # fcntl: imported only where emulation runs
+
+    return CpuSlots().hold(threads, should_stop)
 
 
 def sleep_transfer(emulation: Emulation | None, nbytes: int, upload: bool) -> float:

@@ -1,7 +1,8 @@
 """A fixed amount of training work, run as a process by tests/test_emulation.py.
 
-`python -m tests.emulation_work ARTIFACTS TIER STEPS` trains STEPS steps of the tier with ORT
-spinning off (as emulation does) and prints the process CPU seconds the steps took, as JSON.
+`python -m tests.emulation_work ARTIFACTS TIER STEPS` trains STEPS steps of the tier as an emulated
+device does (ORT spinning off, one host core slot held while training) and prints the process CPU
+seconds the steps took, as JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 
 import numpy as np
 
+from edge_runtime.cpu_slots import CpuSlots
 from edge_runtime.trainer import LossInputs, TierTrainer
 
 
@@ -23,8 +25,9 @@ def main() -> None:
     batch = (ids, np.ones_like(ids), np.zeros(tier.batch_size, dtype=np.int64))
     target = np.full((len(tier.adapted_layers), tier.experts_held), 1 / tier.experts_held)
     start = {n: v for n, v in trainer.get_params().items()}
-    result = trainer.train_round(start, [batch] * steps, LossInputs(0.01, 0.01, target), learning_rate=1e-3)
-    print(json.dumps({"cpu_seconds": result.cpu_seconds, "wall_seconds": result.train_seconds}))
+    with CpuSlots().hold(trainer.threads) as waited:
+        result = trainer.train_round(start, [batch] * steps, LossInputs(0.01, 0.01, target), learning_rate=1e-3)
+    print(json.dumps({"cpu_seconds": result.cpu_seconds, "wall_seconds": result.train_seconds, "waited_s": waited}))
 
 
 if __name__ == "__main__":

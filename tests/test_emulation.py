@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_runtime.cpu_slots import host_cores
 from edge_runtime.emulation import Emulation, EmulationError, MemoryWatchdog
 
 PROFILE = """
@@ -33,29 +35,28 @@ def profile_file(tmp_path) -> Path:
     return path
 
 
-def _work(tiny_export, steps: int, copies: int) -> list[float]:
+def _work(tiny_export, steps: int, copies: int, slots_dir: Path) -> list[float]:
     cmd = [sys.executable, "-m", "tests.emulation_work", str(tiny_export.root), "big", str(steps)]
-    processes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(copies)]
+    env = {**os.environ, "FFTMOE_CPU_SLOTS_DIR": str(slots_dir)}
+    processes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(copies)]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert all(p.returncode == 0 for p in processes)
     return [json.loads(o.strip().splitlines()[-1]) for o in outputs]
 
 
-def test_same_work_same_emulated_time_with_1_or_4_devices(tiny_export, profile_file):
+def test_same_work_same_emulated_time_with_1_or_4_devices(tiny_export, profile_file, tmp_path):
     emulation = Emulation.from_profile_file(profile_file, host_core_gflops=10.0)
-    steps = 400
-    alone = _work(tiny_export, steps, 1)[0]
-    crowded = _work(tiny_export, steps, 4)
+    steps = 2000
+    alone = _work(tiny_export, steps, 1, tmp_path)[0]
+    crowded = _work(tiny_export, steps, 4, tmp_path)
     alone_s = emulation.compute_seconds(alone["cpu_seconds"], threads=1)
     crowded_s = statistics.median(emulation.compute_seconds(r["cpu_seconds"], threads=1) for r in crowded)
-    # The issue's target is 15%. On this 2-core host 4 single-thread devices measure 7-26% more CPU time
-    # for the same work (time-slicing refills caches and contends for memory bandwidth, which CPU time
-    # cannot tell apart from work), so the test asserts the bound that holds, 30%, and the README and
-    # the issue note say the 15% target is not met yet.
-    assert abs(crowded_s - alone_s) / alone_s < 0.30, (alone, crowded)
-    # wall time, by contrast, grows when 4 processes share this host's cores (2 here)
-    wall_ratio = statistics.median(r["wall_seconds"] for r in crowded) / alone["wall_seconds"]
-    print(f"emulated alone {alone_s:.2f} s, crowded {crowded_s:.2f} s; wall ratio {wall_ratio:.2f}")
+    # 4 devices on this host's cores take turns on core slots (cpu_slots.py), so none pays for
+    # time-slicing; without the slots 4 processes on 2 cores measured +4% idle and up to +26% loaded
+    assert abs(crowded_s - alone_s) / alone_s < 0.15, (alone, crowded)
+    if host_cores() < 4:  # more devices than cores: some waited for a slot instead of time-slicing
+        assert max(r["waited_s"] for r in crowded) > 0.5 * alone["wall_seconds"], crowded
+    print(f"emulated alone {alone_s:.3f} s, crowded {crowded_s:.3f} s")
 
 
 def test_profile_arithmetic(profile_file):
