@@ -3,37 +3,38 @@
 `SlotSums` keeps sum_n w_n x_n per aggregated array [M, ...] (rows = global experts) and per head
 array. Per element:
 
-    t = fl32(w * x)          w: the row's weight as float32; x as received (float16 widens exactly;
-                             a clipped float64 x is multiplied in float64, rounded once)
-    inner = fl32(inner + t)  in fold order
+    float32 x (what devices upload by default): inner = saxpy(w, x, inner), BLAS level 1, in fold
+                             order: fl32(inner + w * x), w the row's weight as float32, rounded once
+                             or twice depending on whether the BLAS kernel fuses the multiply-add
+    float16 x, or a clipped float64 x: t = fl32(w * x) (float16 widens exactly; float64 is multiplied
+                             in float64 and rounded once), then inner = fl32(inner + t)
     after every spill_every-th update that added to the element's layer (head arrays: to the array):
                              outer = outer + float64(inner); inner = +0.0
     total = outer + float64(inner)
 
-Every step is an elementwise IEEE operation, so a round is bit-for-bit reproducible for a given fold
-order, and splitting the work by element or by layer (each worker seeing every update in the same
-order) reproduces it exactly. Memory: 4 + 8 bytes per model element, plus one array's rows of scratch.
+Every step is deterministic for a given fold order and BLAS build, so a round is bit-for-bit
+reproducible (the audit replay relies on it), and splitting the work by block (whole arrays, each
+worker seeing every update in the same order) reproduces it exactly: each array is processed by the
+same calls either way. Memory: 4 + 8 bytes per model element, plus one array's rows of scratch.
 
-Speed (2-core AMD EPYC, 32 MB L3, numpy 2.x, default export, `fftmoe bench aggregate`, merge rate
-as a share of a memcpy of the same bytes in the same run). The installed numpy has no ufunc with
-three inputs (no fma) and no axpy; `matmul` writes `out` with beta = 0 and copies an operand that
-overlaps `out`. So weighting and accumulating are two calls per array: `multiply(x, w, out=tmp)`,
-which streams x like the copy does, then `add(acc, tmp, out=acc)`, which streams the accumulator.
-On a flat L3-resident 2.5 MB array each call alone takes about the copy's time (multiply 50 us,
-add 49, copy 51), so two take about twice: a ceiling of ~50% before per-call dispatch (0.15-0.35 us
-a call, 2 or more calls per array here against 1 per array for the copy). Measured:
-- float64 accumulator (widening copy, multiply, add; 16 B of accumulator traffic per 4 B received): 19%
-- float32 accumulator, one multiply and one add per array, scratch <= one array (<= 196 KB, in L2):
-  30-34% with slot routing, checks and denominators (26-29% with per-row token weights); the
-  bench's floor column (the same two calls per array, no routing) 38-43%. The spill costs ~4% of
-  merge time (14.1 vs 14.7 GB/s at 1000 clients; every 32: ~7%, every 128: ~3%).
-- cache blocking (scratch in L1): slower at every block size, because each block is two more calls
-  and restarts the prefetcher: in a bench prototype 20% (32 KB blocks), 25% (64 KB), 29% (128 KB),
-  30% (256 KB), unblocked 28%; on the flat 2.5 MB array 10% (8 KB) ... 44% (512 KB) vs 40% for
-  two unblocked passes.
-- add x unweighted (one call reads both streams), then (w - 1) x from cache: 35% at best on the
-  flat array. An [M_t, P] layer scratch with the names side by side (strided multiplies, one add
-  per layer and run): 37-40% in a stripped prototype, per-array 38-41% in the same prototype.
+Speed (2-core AMD EPYC, 32 MB L3, numpy 2.x, scipy's OpenBLAS 0.3, default export, `fftmoe bench
+aggregate`, merge rate as a share of a memcpy of the same bytes in the same run). numpy has no fused
+multiply-add ufunc, so a numpy fold is two calls per array, `multiply(x, w, out=tmp)` then `add(acc,
+tmp, out=acc)`, two streams over memory where a copy makes one: the bench's floor column times
+exactly that, 38-46%, and with slot routing, checks and denominators it was 29-34% (26-29% with
+per-row token weights). BLAS saxpy (y <- a x + y) is that fused kernel: one call, one pass; alone
+it ran at 71% (196 KB) to 88% (2.5 MB) of the copy on one thread. The merge now measures 50-53%
+(100 and 1,000 clients; 44-49% at 10, where first-use caches dominate) and 40-42% with per-row
+weights. What it took (each step measured on the 1,000-client run):
+- saxpy with keyword arguments on sliced views: 38%; the call is cheap (0.12-0.18 us against 0.46
+  for numpy's multiply + add), but a slice and a reshape per call cost as much as the call;
+- the calls precomputed per slot map (flat accumulator views cached) and x passed whole with an
+  offset, positional arguments: 50-52%;
+- OpenBLAS threads: a threaded saxpy measured 36% against 44% on one thread at these sizes, so
+  the processes that fold call `use_one_blas_thread()`.
+Earlier numpy-only variants, for the record: a float64 accumulator (widening copy, multiply, add)
+19%; cache blocking (scratch in L1) 20-30%, each block two more calls that restart the prefetcher;
+adding x unweighted then (w - 1) x from cache 35% at best. The spill costs ~4% of merge time.
 
 Precision (relative L2 error of the round's average after the final float32 rounding against an
 exact float64 sum; 10/100/1000 clients, sample weights 10..500; client values = global ~N(0, 0.02)
@@ -52,11 +53,20 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy.linalg.blas import saxpy as _saxpy  # y <- a x + y, one pass: module docstring
 
 SPILL_EVERY = 64  # updates per float32 window of a layer (or head array); error bought: module docstring
 _CACHE_MAX = 4096  # cached slot-map decompositions and views (<= 5 views each) before a clear
 
 Run = tuple[int, int, int, int]  # local slots lo:hi -> global rows g0, g0 + step, ... (hi - lo rows)
+
+
+def use_one_blas_thread() -> None:
+    """Run BLAS single-threaded in this process (the server's fold, the benchmarks). OpenBLAS splits
+    a long saxpy across its threads, which on these array sizes (<= 196 KB) costs more than it gains: `fftmoe bench aggregate` measured 36% of memcpy threaded against 44% on one thread."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
 
 
 def slot_runs(slots: Sequence[int]) -> tuple[Run, ...]:
@@ -145,6 +155,47 @@ class SlotSums:
     def add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool = False) -> None:
         """inner[name][slots] += w * xs[k] for the layer's names, xs in `layer_shapes` (the caller
         checks); runs = `runs(slots)`. rows: row i weighted by `row_weights`[i], else by `weight`."""
+        if all(x.dtype == np.float32 and x.flags.c_contiguous for x in xs):
+            self._axpy_layer(layer, xs, runs, rows)
+        else:  # float16 uploads, clipped float64 values: weigh into the scratch, then add
+            self._two_pass_layer(layer, xs, runs, rows)
+        self._counted(layer)
+
+    def _axpy_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool) -> None:
+        """One BLAS saxpy per contiguous accumulator block (`_axpy_ops`), under the update's weight or
+        (rows) each row's own."""
+        flat = [x.ravel() for x in xs]  # views: xs are C-contiguous
+        if rows:
+            weights = self._wrows.tolist()
+            for k, offset, n, acc, i in self._axpy_ops(layer, runs, True):
+                _saxpy(flat[k], acc, n, weights[i], offset)
+        else:
+            w = float(self._w)
+            for k, offset, n, acc, _ in self._axpy_ops(layer, runs, False):
+                _saxpy(flat[k], acc, n, w, offset)  # acc[:n] += w * flat[k][offset:offset + n]; positional: cheaper
+
+    def _axpy_ops(self, layer: int, runs: Sequence[Run], rows: bool) -> list[tuple[int, int, int, np.ndarray, int]]:
+        """(name index k, offset into the flat x, elements n, flat accumulator view, local slot) per
+        saxpy call for this layer and slot map (cached): a run of step 1 under one weight is one block,
+        anything else one block per row. saxpy writes into the view in place: each is a contiguous
+        slice of C-ordered rows, which f2py passes through without a copy (it would silently write into
+        a copy of anything else)."""
+        key = ("ops", layer, tuple(runs), rows)
+        ops = self._cache.get(key)
+        if ops is None:
+            ops = []
+            for k, (name, trail) in enumerate(self.layers[layer]):
+                acc, row = self.inner[name], math.prod(trail)
+                for lo, hi, g0, step in runs:
+                    if step == 1 and not rows:
+                        ops.append((k, lo * row, (hi - lo) * row, acc[g0:g0 + hi - lo].reshape(-1), lo))
+                    else:
+                        ops += [(k, (lo + i) * row, row, acc[g0 + step * i].reshape(-1), lo + i)
+                                for i in range(hi - lo)]
+            self._cache[key] = ops
+        return ops
+
+    def _two_pass_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool) -> None:
         mul, add, w = np.multiply, np.add, self._w
         tmps = self._scratch(layer, 0, len(xs[0])) if xs else []
         if len(runs) == 1:  # slots in one progression: one add per array over the whole block
@@ -158,15 +209,17 @@ class SlotSums:
                 for accs, parts in pieces:
                     acc = accs[k]
                     add(acc, parts[k], acc)
-        self._counted(layer)
 
     def add_whole(self, name: str, x: np.ndarray) -> None:
         """inner[name] += w * x with the update's `weight`."""
-        tmp = self._cache.get(("whole", name))
-        if tmp is None:
-            tmp = self._cache[("whole", name)] = self._flat[:x.size].reshape(self.inner[name].shape)
-        np.multiply(x, self._w, tmp)
-        np.add(self.inner[name], tmp, self.inner[name])
+        if x.dtype == np.float32 and x.flags.c_contiguous:
+            _saxpy(x.reshape(-1), self.inner[name].reshape(-1), x.size, float(self._w))
+        else:
+            tmp = self._cache.get(("whole", name))
+            if tmp is None:
+                tmp = self._cache[("whole", name)] = self._flat[:x.size].reshape(self.inner[name].shape)
+            np.multiply(x, self._w, tmp)
+            np.add(self.inner[name], tmp, self.inner[name])
         self._counted(name)
 
     def total(self, name: str) -> np.ndarray:

@@ -10,28 +10,25 @@ no MQTT, no wire decoding, no disk (the caller persists `optimizer_state()` as .
 
 Order of operations (sharded workers must reproduce it bit for bit). The weighted sums live in
 `accumulate.SlotSums`: per element a float32 sum `inner` and a float64 sum `outer`, both +0.0 at
-`begin_round`. Folding an update does, for every element x it carries, `inner <- fl32(inner +
-fl32(w * x))` with w the block's weight rounded to float32 (samples, or the slot's routed tokens;
-exact for integers < 2^24), in fold order, and per block `den <- den + w` (float64, the same w).
-After every 64th update that touched a layer (the head: every 64th update), that layer's
-`outer <- outer + float64(inner)` and `inner <- +0.0`. Elements are independent, so splitting the
-work by block or by element (each worker seeing every update, in the same order) reproduces the
-result exactly; splitting by client and adding partial sums does not (float addition is not
-associative). A clipped update contributes x' = g + s * (x - g), computed in float64 and rounded
-once by the weighting product, with s from the norm of the whole update (`delta_norm`), so a
-sharded worker must be handed s. `finish` computes `agg = (outer + inner) / den` in float64 for
-blocks with den > 0 (others, including an expert no holder routed a token to under "activation",
-keep their value), applies the optimiser (`FftMoeStrategy._adam`) in float64 and rounds once to
-the global dtype.
+`begin_round`. Folding an update adds w x to `inner` for every element x it carries (one BLAS saxpy
+per contiguous block for float32 x; multiply then add otherwise; accumulate.py gives the rounding),
+with w the block's weight rounded to float32 (samples, or the slot's routed tokens; exact for
+integers < 2^24), in fold order, and per block `den <- den + w` (float64, the same w). After every
+64th update that touched a layer (the head: every 64th update), that layer's `outer <- outer +
+float64(inner)` and `inner <- +0.0`. Blocks are independent, so splitting the work by block (each
+worker seeing every update, in the same order) reproduces the result exactly; splitting by client
+and adding partial sums does not (float addition is not associative). A clipped update contributes
+x' = g + s * (x - g), computed in float64 and rounded once by the weighting product, with s from the
+norm of the whole update (`delta_norm`), so a sharded worker must be handed s. `finish` computes
+`agg = (outer + inner) / den` in float64 for blocks with den > 0 (others, including an expert no
+holder routed a token to under "activation", keep their value), applies the optimiser
+(`FftMoeStrategy._adam`) in float64 and rounds once to the global dtype.
 
 Why float32 windows and not a float64 accumulator (measured, details in accumulate.py): the
 float64 fold ran at 19% of a memcpy of the same bytes (`fftmoe bench aggregate`), mostly a
-widening copy plus a mixed-type add; this one runs at 30-34%, and its relative error against an
-exact sum stays between 2.7e-8 and 1.5e-7 from 10 to 10,000 clients (float64: 2.5e-8, the output
-rounding). The issue's 50% is out of reach for a numpy fold on this machine: numpy has no fused
-multiply-add, so weighting and accumulating are two calls that stream x and then the accumulator,
-where a copy streams x once; the bench's "floor" column times exactly those two calls per array
-without any routing, and it reaches 38-43%.
+widening copy plus a mixed-type add; float32 windows filled by BLAS saxpy run at 50-53%, and their
+relative error against an exact sum stays between 2.7e-8 and 1.5e-7 from 10 to 10,000 clients
+(float64: 2.5e-8, the output rounding).
 
 Norm clip bound: `clip_bound` (fixed) and/or `clip_multiplier` x the median delta norm of the
 previous round. Not this round's median: it is known only once every update has arrived, and

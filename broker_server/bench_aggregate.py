@@ -11,9 +11,9 @@ GB/s, `finish` time (normalisation and optimiser, not in the merge rate) and the
 Diagnostic "floor": a second pass over the same N updates, alternating with its own copies in the
 same way, times the least numpy work any weighted fold can do: per array one `multiply(x, w,
 out=scratch)` and one `add(acc, scratch, out=acc)` into a float32 accumulator block of the same
-shape, with no slot routing, checks or denominators (numpy has no fused multiply-add, so the
-weighting and the accumulation are two calls, two streams over memory where a copy makes one; see
-broker_server/accumulate.py). The merge can approach that ratio; it is not expected to exceed it.
+shape, with no slot routing, checks or denominators: the best a numpy-only fold could do (numpy has
+no fused multiply-add, so weighting and accumulating are two streams over memory where a copy makes
+one). The merge uses BLAS saxpy, one pass, and beats it; see broker_server/accumulate.py.
 Shapes are the default export's (d=384, r=16, M=8, 6 layers, 5 classes; tiers nano 2 slots/2 layers,
 small 4/2, medium 4/4, large 8/6) or an export's manifest (`--artifacts DIR`). This is a benchmark
 that prints ratios, never a timed test.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.accumulate import use_one_blas_thread
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, validate_update
 from edge_runtime.manifest import ParamEntry
 
@@ -147,6 +148,7 @@ def _alternate(stream: UpdateStream, copies, clients: int, fold, check) -> tuple
 
 def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int) -> dict:
     """Fold `clients` simulated updates in this process and measure; one record."""
+    use_one_blas_thread()  # as the server does
     space, tiers = load_shapes(artifacts)
     stream = UpdateStream(space, tiers, seed)
     copies = [{n: np.empty_like(a) for n, a in bufs.items()} for bufs in stream.buffers]
