@@ -31,7 +31,7 @@ weights. What it took (each step measured on the 1,000-client run):
 - the calls precomputed per slot map (flat accumulator views cached) and x passed whole with an
   offset, positional arguments: 50-52%;
 - OpenBLAS threads: a threaded saxpy measured 36% against 44% on one thread at these sizes, so
-  the processes that fold call `use_one_blas_thread()`.
+  a process's first `SlotSums` limits BLAS to one thread (`_one_blas_thread`).
 Earlier numpy-only variants, for the record: a float64 accumulator (widening copy, multiply, add)
 19%; cache blocking (scratch in L1) 20-30%, each block two more calls that restart the prefetcher;
 adding x unweighted then (w - 1) x from cache 35% at best. The spill costs ~4% of merge time.
@@ -49,6 +49,7 @@ every 128: 6.4e-8.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -61,9 +62,11 @@ _CACHE_MAX = 4096  # cached slot-map decompositions and views (<= 5 views each) 
 Run = tuple[int, int, int, int]  # local slots lo:hi -> global rows g0, g0 + step, ... (hi - lo rows)
 
 
-def use_one_blas_thread() -> None:
-    """Run BLAS single-threaded in this process (the server's fold, the benchmarks). OpenBLAS splits
-    a long saxpy across its threads, which on these array sizes (<= 196 KB) costs more than it gains: `fftmoe bench aggregate` measured 36% of memcpy threaded against 44% on one thread."""
+@functools.cache
+def _one_blas_thread() -> None:
+    """Run BLAS single-threaded in this process, once, when it first builds sums to fold into.
+    OpenBLAS splits a long saxpy across its threads, which on these array sizes (<= 196 KB) costs
+    more than it gains: `fftmoe bench aggregate` measured 36% of memcpy threaded, 44% on one thread."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
@@ -101,6 +104,7 @@ class SlotSums:
                  whole: Mapping[str, tuple[int, ...]], spill_every: int = SPILL_EVERY):
         if spill_every < 1:
             raise ValueError("spill_every must be >= 1")
+        _one_blas_thread()
         self.experts, self.spill_every = experts, spill_every
         self.layers = {layer: [(name, tuple(trail)) for name, trail in cols] for layer, cols in layers.items()}
         shapes = {name: (experts, *trail) for cols in self.layers.values() for name, trail in cols}

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.accumulate import use_one_blas_thread
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, validate_update
 from edge_runtime.manifest import ParamEntry
 
@@ -148,7 +147,6 @@ def _alternate(stream: UpdateStream, copies, clients: int, fold, check) -> tuple
 
 def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int) -> dict:
     """Fold `clients` simulated updates in this process and measure; one record."""
-    use_one_blas_thread()  # as the server does
     space, tiers = load_shapes(artifacts)
     stream = UpdateStream(space, tiers, seed)
     copies = [{n: np.empty_like(a) for n, a in bufs.items()} for bufs in stream.buffers]

@@ -57,7 +57,6 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.accumulate import use_one_blas_thread
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, validate_update
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
 from broker_server.embedded_broker import EmbeddedBroker, free_port, mosquitto_binary, wait_for_port
@@ -194,7 +193,6 @@ def run_aggregator(args) -> int:
     expected = space.tier_shapes(layers, slots)
     rng = np.random.default_rng(args.seed + 2)
     global_arrays = {p.name: (rng.standard_normal(p.shape) * 0.02).astype(np.float32) for p in space.entries}
-    use_one_blas_thread()  # as the server does
     strategy = FftMoeStrategy(space, AggregationConfig())
     strategy.begin_round(global_arrays)
     reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)  # the server's

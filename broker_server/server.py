@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from broker_server.accumulate import use_one_blas_thread
 from broker_server.aggregation import AggregationConfig, UpdateRejected
 from broker_server import audit
 from broker_server.config import ServerConfig
@@ -80,7 +79,6 @@ class AggregationServer:
             personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier,
             norm_policy=config.norm_policy), gamma=config.gamma)
         self.strategy, self.space = self.method.strategy, self.method.space
-        use_one_blas_thread()  # the fold's saxpy calls are faster on one thread (accumulate.py)
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}
         self.inbox: queue.Queue = queue.Queue()

@@ -55,20 +55,18 @@ class CpuSlots:
 
         If `should_stop()` turns true while waiting, yields -1.0 without holding any slot."""
         count = max(1, min(count, self.slots))
-        started, held = time.monotonic(), []
+        started, held = time.monotonic(), {}  # slot index -> its locked descriptor
         try:
             with self._lock("gate", should_stop) as gate:
                 while gate and len(held) < count and not should_stop():
                     for k in range(self.slots):
-                        if len(held) < count and all(name != f"slot-{k}" for name, _ in held):
-                            fd = self._try(f"slot-{k}")
-                            if fd is not None:
-                                held.append((f"slot-{k}", fd))
+                        if len(held) < count and k not in held and (fd := self._try(f"slot-{k}")) is not None:
+                            held[k] = fd
                     if len(held) < count:
                         time.sleep(POLL_S)
             yield time.monotonic() - started if len(held) == count else -1.0
         finally:
-            for _, fd in held:
+            for fd in held.values():
                 os.close(fd)  # closing the descriptor drops its flock
 
     @contextlib.contextmanager
