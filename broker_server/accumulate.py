@@ -226,6 +226,12 @@ class SlotSums:
             np.add(self.inner[name], tmp, self.inner[name])
         self._counted(name)
 
+    def commit(self) -> None:
+        """Nothing to do: the adds above went straight into the sums (see ExactSums.commit)."""
+
+    def discard(self) -> None:
+        """Nothing to undo: SlotSums refuses nothing once the strategy's checks passed."""
+
     def total(self, name: str) -> np.ndarray:
         """The float64 sum so far (a new array)."""
         return self.outer[name] + self.inner[name]

@@ -17,7 +17,10 @@ integers < 2^24), in fold order, and per block `den <- den + w` (float64, the sa
 64th update that touched a layer (the head: every 64th update), that layer's `outer <- outer +
 float64(inner)` and `inner <- +0.0`. Blocks are independent, so splitting the work by block (each
 worker seeing every update, in the same order) reproduces the result exactly; splitting by client
-and adding partial sums does not (float addition is not associative). A clipped update contributes
+and adding partial sums does not (float addition is not associative). `AggregationConfig(exact=True)`
+folds into `exact_sums.ExactSums` instead (integer fixed point, each term rounded on its own): the
+result is then independent of fold order, and `partial()` / `merge()` split a round between processes
+by client with the same bits as one process. A clipped update contributes
 x' = g + s * (x - g), computed in float64 and rounded once by the weighting product, with s from the
 norm of the whole update (`delta_norm`), so a sharded worker must be handed s. `finish` computes
 `agg = (outer + inner) / den` in float64 for blocks with den > 0 (others, including an expert no
@@ -46,11 +49,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_server.accumulate import SlotSums
+from broker_server.exact_sums import ExactSums
 from edge_runtime.manifest import ParamEntry, layer_of
 
 WEIGHTINGS = ("samples", "activation")
 OPTIMIZERS = ("fedavg", "fedadam")
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float16))
 
 
 class UpdateRejected(ValueError):
@@ -107,6 +110,8 @@ class AggregationConfig:
 
     weighting: str = "samples"  # "samples" (the paper's |D_n|) or "activation" (tokens routed to e on n)
     personalise_router: bool = False  # router rows stay global here; devices keep their own
+    router_lr: float = 1.0  # FedAvg server step on router rows: x <- x + router_lr * (average - x)
+    exact: bool = False  # integer fixed-point sums (exact_sums.py): order-free, mergeable across workers
     optimizer: str = "fedavg"
     server_lr: float = 1e-2  # FedAdam eta
     beta1: float = 0.9
@@ -121,6 +126,8 @@ class AggregationConfig:
         checks = [(self.weighting in WEIGHTINGS, f"weighting must be one of {WEIGHTINGS}"),
                   (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
                   (self.server_lr > 0 and self.tau > 0, "server_lr and tau must be > 0"),
+                  (0 <= self.router_lr <= 1, "router_lr must be in [0, 1]"),
+                  (self.router_lr == 1 or self.optimizer == "fedavg", "router_lr is a FedAvg option"),
                   (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)"),
                   (0 <= self.usage_decay < 1, "usage_decay must be in [0, 1)"),
                   (self.clip_multiplier is None or self.clip_multiplier > 0, "clip_multiplier must be > 0"),
@@ -143,6 +150,20 @@ class RoundStats:
     pseudo_grad_norm: float = 0.0  # L2 of aggregated - global over held blocks, before the optimiser
     clipped: int = 0
     clip_bound: float | None = None
+
+
+@dataclass
+class RoundPartial:
+    """One worker's share of a round (FftMoeStrategy.partial): int64 sums and the counts beside them."""
+    sums: dict[str, np.ndarray]  # name -> int64 fixed-point sum (exact_sums.py)
+    den: dict[int, list[float]]  # layer -> [M] weight per global expert
+    tokens: dict[int, list[float]]  # layer -> [M] tokens routed per global expert
+    head_den: float
+    clients: int
+    samples: int
+    bytes_folded: int
+    clipped: int
+    norms: list[float]
 
 
 class Strategy(abc.ABC):
@@ -172,8 +193,9 @@ class FftMoeStrategy(Strategy):
                        for layer, entries in space.by_layer.items()}
         self._unmerged = {layer: [(p.name, p.shape[1:]) for p in entries if p.name not in self._names[layer]]
                           for layer, entries in space.by_layer.items()}  # still shape-checked
-        self._sums = SlotSums(m, {layer: [(n, space.by_name[n].shape[1:]) for n in names]
-                                  for layer, names in self._names.items()}, {p.name: p.shape for p in space.head})
+        sums_class = ExactSums if config.exact else SlotSums
+        self._sums = sums_class(m, {layer: [(n, space.by_name[n].shape[1:]) for n in names]
+                                    for layer, names in self._names.items()}, {p.name: p.shape for p in space.head})
         # [M] weight per block and tokens per global expert as Python floats (IEEE doubles, the same
         # sums as float64 arrays): a handful of scalar adds is cheaper than fancy-indexed numpy ops
         self._den = {layer: [0.0] * m for layer in space.layers}
@@ -207,34 +229,73 @@ class FftMoeStrategy(Strategy):
             raise RuntimeError("fold() before begin_round()")
         plan = self._plan(update)  # every structural check, before any sum changes
         params = update.params
+        norm, clipped = None, False
         if self.config.clip_multiplier is not None or self._bound is not None:
             norm = delta_norm(update, self._global, self.space, self.config.personalise_router)
             if self._bound is not None and norm > self._bound and self.config.norm_policy == "reject":
                 raise UpdateRejected(f"update norm {norm:.4g} exceeds the bound {self._bound:.4g} "
                                      "(norm policy: reject)")  # before any sum changed; not in the median
-            self._norms.append(norm)
             if self._bound is not None and norm > self._bound:
                 params = clipped_params(update, self._global, self.space, self._bound / norm)
                 plan = [(layer, slots, [params[n] for n in self._names[layer]], runs)
                         for layer, slots, _, runs in plan]
-                self._clipped += 1
+                clipped = True
         sums, by_tokens = self._sums, self.config.weighting == "activation"
-        samples = sums.weight(update.num_samples)  # the float32 weight the sums use, as a float
-        for layer, slots, xs, runs in plan:
-            tokens = np.asarray(update.expert_tokens[layer], dtype=np.float64)  # [M_t]
-            # the weights as float32 values, as the sums use them
-            weights = sums.row_weights(tokens) if by_tokens else [samples] * len(slots)
-            sums.add_layer(layer, xs, runs, rows=by_tokens)
+        counts = []  # (layer, slots, weights, tokens): applied once the sums took the whole update
+        try:
+            samples = sums.weight(update.num_samples)  # the weight the sums use, as a float
+            for layer, slots, xs, runs in plan:
+                tokens = np.asarray(update.expert_tokens[layer], dtype=np.float64)  # [M_t]
+                weights = sums.row_weights(tokens) if by_tokens else [samples] * len(slots)
+                sums.add_layer(layer, xs, runs, rows=by_tokens)
+                counts.append((layer, slots, weights, tokens.tolist()))
+            for p in self.space.head:  # the head is one block weighted by samples in both modes
+                sums.add_whole(p.name, params[p.name])
+            sums.commit()
+        except ValueError as err:
+            if not self.config.exact:
+                raise  # SlotSums refuses nothing _plan let through: a bug, not a bad update
+            sums.discard()  # ExactSums staged the update and refused a value out of its range
+            raise UpdateRejected(str(err)) from None
+        if norm is not None:
+            self._norms.append(norm)
+            self._clipped += clipped
+        for layer, slots, weights, tokens in counts:
             den, routed = self._den[layer], self._tokens[layer]
-            for g, w, t in zip(slots, weights, tokens.tolist()):
+            for g, w, t in zip(slots, weights, tokens):
                 den[g] += w
                 routed[g] += t
-        for p in self.space.head:  # the head is one block weighted by samples in both modes
-            sums.add_whole(p.name, params[p.name])
         self._head_den += samples
         self._clients += 1
         self._samples += int(update.num_samples)
         self._bytes += sum(a.nbytes for a in update.params.values())
+
+    def partial(self) -> RoundPartial:
+        """This process's share of the round so far, for a coordinator's `merge` (exact sums only)."""
+        if not self.config.exact:
+            raise RuntimeError("partial sums merge exactly only with AggregationConfig(exact=True)")
+        return RoundPartial(self._sums.partial(), {k: list(v) for k, v in self._den.items()},
+                            {k: list(v) for k, v in self._tokens.items()}, self._head_den, self._clients,
+                            self._samples, self._bytes, self._clipped, list(self._norms))
+
+    def merge(self, part: RoundPartial) -> None:
+        """Add another process's `partial()` of this round: the result is bit for bit what folding its
+        updates here would give, in any order (integer sums; weights are integers, so their float sums
+        are exact too)."""
+        if self._global is None or not self.config.exact:
+            raise RuntimeError("merge() needs begin_round() and AggregationConfig(exact=True)")
+        if {k: len(v) for k, v in part.den.items()} != {k: len(v) for k, v in self._den.items()}:
+            raise ValueError("partial sums cover other layers or experts than this strategy")
+        self._sums.merge(part.sums)
+        for mine, theirs in ((self._den, part.den), (self._tokens, part.tokens)):
+            for layer, values in theirs.items():
+                mine[layer][:] = [a + b for a, b in zip(mine[layer], values)]
+        self._head_den += part.head_den
+        self._clients += part.clients
+        self._samples += part.samples
+        self._bytes += part.bytes_folded
+        self._clipped += part.clipped
+        self._norms += part.norms
 
     def _plan(self, update: ClientUpdate) -> list[tuple[int, Sequence[int], list[np.ndarray], tuple]]:
         """(layer, slots, arrays to merge, slot runs) per layer, after the structural checks that keep a
@@ -271,7 +332,12 @@ class FftMoeStrategy(Strategy):
             agg = self._aggregate(p, held)[held]  # float64 [held rows, ...] (the head: [1, ...])
             delta = agg - x[held]  # the pseudo-gradient
             sq += float(np.sum(delta * delta))
-            x[held] = agg if self.config.optimizer == "fedavg" else self._adam(p.name, x[held], delta, held)
+            if self.config.optimizer == "fedadam":
+                x[held] = self._adam(p.name, x[held], delta, held)
+            elif p.name.endswith(".router") and self.config.router_lr != 1:
+                x[held] += self.config.router_lr * delta  # a damped router step (0: the global gate stays put)
+            else:
+                x[held] = agg
             new[p.name] = x.astype(self._global[p.name].dtype)
         share, entropy = {}, {}
         decay = self.config.usage_decay
@@ -367,52 +433,6 @@ def het_target(usage: np.ndarray, slots: Sequence[int], gamma: float = 1.0, eps:
         raise ValueError("het_target needs gamma >= 0, eps > 0 and distinct slots within the usage vector")
     raw = (np.asarray(usage, dtype=np.float64)[list(slots)] + eps) ** (-gamma)  # [M_t]
     return raw / raw.sum()
-
-
-def validate_update(update: ClientUpdate, expected: Mapping[str, tuple[int, ...]], experts: int) -> list[str]:
-    """Every problem with `update` against the tier's expected names/shapes and M global experts."""
-    problems = []
-    if not isinstance(update.device_id, str) or not update.device_id:
-        problems.append("device_id must be a non-empty string")
-    for name in sorted(set(expected) - set(update.params)):
-        problems.append(f"missing array {name!r}")
-    for name in sorted(set(update.params) - set(expected)):
-        problems.append(f"unexpected array {name!r}")
-    for name in sorted(set(expected) & set(update.params)):
-        a = update.params[name]
-        if not isinstance(a, np.ndarray) or a.dtype not in _FLOATS:
-            problems.append(f"{name!r}: dtype {getattr(a, 'dtype', type(a).__name__)}, expected float32 or float16")
-            continue
-        if a.shape != tuple(expected[name]):
-            problems.append(f"{name!r}: shape {a.shape}, expected {tuple(expected[name])}")
-        # min/max propagate NaN and see +-Inf without a temporary the size of the array
-        if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):
-            problems.append(f"{name!r}: contains NaN or Inf")
-    n = update.num_samples
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
-        problems.append(f"num_samples must be a positive integer, got {n!r}")
-    slots_of = {layer_of(name): shape[0] for name, shape in expected.items() if layer_of(name) is not None}
-    for what, given in (("slot_map", update.slot_map), ("expert_tokens", update.expert_tokens)):
-        if set(given) != set(slots_of):
-            problems.append(f"{what} layers {sorted(given)}, expected {sorted(slots_of)}")
-    for layer, m_t in sorted(slots_of.items()):
-        slots = update.slot_map.get(layer)
-        if slots is not None:
-            if len(slots) != m_t:
-                problems.append(f"slot_map[{layer}] has {len(slots)} entries, expected {m_t}")
-            ints = all(isinstance(g, (int, np.integer)) and not isinstance(g, bool) for g in slots)
-            if not ints or not all(0 <= g < experts for g in slots):
-                problems.append(f"slot_map[{layer}] = {list(slots)}: entries must be integers in [0, {experts})")
-            elif len(set(slots)) != len(slots):
-                problems.append(f"slot_map[{layer}] = {list(slots)} has duplicates")
-        tokens = update.expert_tokens.get(layer)
-        if tokens is not None:
-            t = np.asarray(tokens)
-            if t.shape != (m_t,) or t.dtype.kind not in "iuf":
-                problems.append(f"expert_tokens[{layer}]: shape {t.shape} dtype {t.dtype}, expected ({m_t},) numbers")
-            elif not np.all(np.isfinite(t)) or np.any(t < 0):
-                problems.append(f"expert_tokens[{layer}] must be finite and >= 0")
-    return problems
 
 
 def delta_norm(update: ClientUpdate, global_arrays: Mapping[str, np.ndarray], space: ParamSpace,

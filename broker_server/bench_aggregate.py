@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, validate_update
+from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace
+from broker_server.update_checks import validate_update
 from edge_runtime.manifest import ParamEntry
 
 DEFAULT_CLIENTS = (10, 100, 1000)

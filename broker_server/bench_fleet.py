@@ -57,7 +57,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, validate_update
+from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy
+from broker_server.update_checks import validate_update
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
 from broker_server.embedded_broker import EmbeddedBroker, free_port, mosquitto_binary, wait_for_port
 from edge_runtime import wire

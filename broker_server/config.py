@@ -48,6 +48,7 @@ class ServerConfig:
     optimizer: str = "fedavg"
     server_lr: float = 1e-2
     personalise_router: bool = False
+    router_lr: float = 1.0  # server step on router rows (FedAvg): 1 averages them, 0 keeps the global gate
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
     audit_log: bool = False  # write every folded update to STATE/audit/ (replayable; disk: clients x model)
@@ -71,10 +72,13 @@ class ServerConfig:
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
             (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'"),
+            (0 <= self.router_lr <= 1, "router_lr must be in [0, 1]"),
+            (self.router_lr == 1 or self.optimizer == "fedavg", "router_lr applies to the fedavg optimizer only"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (self.method == "fft-moe" or not (self.audit_log or self.personalise_router or self.clip_multiplier
+                                               or self.router_lr != 1
                                                or self.optimizer != "fedavg" or self.weighting != "samples"),
-             "audit_log, personalise_router, clip_multiplier, optimizer and weighting are FFT-MoE options; the LoRA "
+             "audit_log, personalise_router, router_lr, clip_multiplier, optimizer and weighting are FFT-MoE options; the LoRA "
              "baselines run plain sample-weighted FedAvg as published"),
         ]
         for ok, message in checks:

@@ -14,8 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
-from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target,
-                                       validate_update)
+from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target
+from broker_server.update_checks import validate_update
 from broker_server.lora_strategies import FedItStrategy, FlexLoraStrategy, HetLoraStrategy, LoraSpace, LoraUpdate
 from broker_server.slots import SlotPlanner, tokens_by_global_expert
 from edge_runtime import wire

@@ -76,7 +76,7 @@ class AggregationServer:
         self.store = store
         self.method = make_method(config.method, manifest, AggregationConfig(
             weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
-            personalise_router=config.personalise_router, clip_multiplier=config.clip_multiplier,
+            personalise_router=config.personalise_router, router_lr=config.router_lr, clip_multiplier=config.clip_multiplier,
             norm_policy=config.norm_policy), gamma=config.gamma)
         self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFT-MoE aggregation weights: samples (the paper's |D_n|) or tokens routed to each expert")
     p.add_argument("--personalise-router", action="store_true",
                    help="FFT-MoE: devices keep their own router rows; only experts and head are aggregated")
+    p.add_argument("--router-lr", type=float, default=1.0,
+                   help="FFT-MoE: server step on the router rows, 1 averages them (default), 0 keeps the global "
+                        "gate where it is while devices still adapt theirs within a round")
     p.add_argument("--artifacts", type=Path, help="use this export instead of the cached one")
     p.add_argument("--cache", type=Path, default=Path("artifacts/cache"), help="export cache folder")
     p.add_argument("--dataset", default="bbcnews", help="built-in name or a CSV / JSON Lines / Parquet file")
@@ -113,8 +116,8 @@ def _export_adapters(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router):
-        print("fftmoe run: error: --weighting and --personalise-router are FFT-MoE options; the LoRA baselines "
+    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router or args.router_lr != 1):
+        print("fftmoe run: error: --weighting, --personalise-router and --router-lr are FFT-MoE options; the LoRA baselines "
               "run sample-weighted FedAvg as published", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
@@ -193,7 +196,7 @@ def _run(args, fleet) -> int:
                               learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
                               lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
-                              personalise_router=args.personalise_router)
+                              personalise_router=args.personalise_router, router_lr=args.router_lr)
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate

@@ -20,7 +20,8 @@ import pytest
 
 from broker_server.accumulate import SPILL_EVERY, slot_runs
 from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, delta_norm,
-                                       het_target, validate_update)
+                                       het_target)
+from broker_server.update_checks import validate_update
 from broker_server.bench_aggregate import builtin_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,25 @@ def test_router_personalisation_keeps_global_router_rows():
     assert_row(new[PREFIX + "w1"], 1, 5.0)  # experts still merged
     new_all, _ = run(space, AggregationConfig(), [client(space, **A), client(space, **B)], start)
     assert_row(new_all[PREFIX + "router"], 1, 5.0)
+
+
+def test_router_lr_damps_only_the_router_rows():
+    space = tiny_space()
+    start = global_arrays(space)
+    router = PREFIX + "router"
+    new, _ = run(space, AggregationConfig(router_lr=0.25), [client(space, **A), client(space, **B)], start)
+    x = start[router].astype(np.float64)
+    np.testing.assert_allclose(new[router][1], x[1] + 0.25 * (5.0 - x[1]), rtol=1e-6)  # a quarter of the way
+    np.testing.assert_allclose(new[router][0], x[0] + 0.25 * (1.0 - x[0]), rtol=1e-6)
+    np.testing.assert_array_equal(new[router][3], start[router][3])  # not held: no step
+    assert_row(new[PREFIX + "w1"], 1, 5.0)  # experts and head take the full average
+    np.testing.assert_array_equal(new[HEAD_B], np.full((2,), 4.0, np.float32))
+    frozen, _ = run(space, AggregationConfig(router_lr=0.0), [client(space, **A), client(space, **B)], start)
+    np.testing.assert_array_equal(frozen[router], start[router])
+    with pytest.raises(ValueError, match="router_lr"):
+        AggregationConfig(router_lr=1.5)
+    with pytest.raises(ValueError, match="router_lr is a FedAvg option"):
+        AggregationConfig(router_lr=0.5, optimizer="fedadam")
 
 
 def test_fedadam_one_step_matches_hand_computation_and_state_round_trips():

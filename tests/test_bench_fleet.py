@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from broker_server import bench_fleet as fleet
-from broker_server.aggregation import ClientUpdate, validate_update
+from broker_server.aggregation import ClientUpdate
+from broker_server.update_checks import validate_update
 from edge_runtime import wire
 
 
