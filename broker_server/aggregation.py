@@ -50,7 +50,7 @@ import numpy as np
 
 from broker_server.accumulate import SlotSums
 from broker_server.exact_sums import ExactSums
-from edge_runtime.manifest import ParamEntry, layer_of
+from edge_runtime.manifest import ParamEntry
 
 WEIGHTINGS = ("samples", "activation")
 OPTIMIZERS = ("fedavg", "fedadam")
