@@ -146,7 +146,7 @@ def _alternate(stream: UpdateStream, copies, clients: int, fold, check) -> tuple
     return fold_s, copy_s, check_s, nbytes
 
 
-def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int) -> dict:
+def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int, exact: bool = False) -> dict:
     """Fold `clients` simulated updates in this process and measure; one record."""
     space, tiers = load_shapes(artifacts)
     stream = UpdateStream(space, tiers, seed)
@@ -154,7 +154,7 @@ def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int) -> 
     expected = [space.tier_shapes(layers, slots) for _, slots, layers in tiers]
     rng = np.random.default_rng(seed + 1)
     global_arrays = {p.name: (rng.standard_normal(p.shape) * 0.02).astype(np.float32) for p in space.entries}
-    strategy = FftMoeStrategy(space, AggregationConfig(weighting=weighting))
+    strategy = FftMoeStrategy(space, AggregationConfig(weighting=weighting, exact=exact))
     floor = TwoPassFloor(space)
     strategy.begin_round(global_arrays)
     for i in range(len(tiers)):  # warm-up: first touch of accumulator and copy pages, dispatch caches
@@ -185,7 +185,7 @@ def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int) -> 
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "rss_after_setup_mb": round(base_rss, 1), "mb_folded": round(nbytes / 1e6, 2),
             "fold_s": round(fold_s, 4), "validate_gbps": round(nbytes / validate_s / 1e9, 3),
-            "finish_ms": round(1000 * finish_s, 2), "weighting": weighting}
+            "finish_ms": round(1000 * finish_s, 2), "weighting": weighting, "exact": exact}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="client counts, each measured in a fresh process (default 10 100 1000)")
     parser.add_argument("--artifacts", type=Path, help="read shapes and tiers from this export's manifest")
     parser.add_argument("--weighting", choices=("samples", "activation"), default="samples")
+    parser.add_argument("--exact", action="store_true",
+                        help="fold into the exact integer sums of sharded aggregation (exact_sums.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--one", type=int, metavar="N", help=argparse.SUPPRESS)  # child mode: one record
@@ -206,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fftmoe bench aggregate: client counts must be >= 1", file=sys.stderr)
         return 2
     if args.one is not None:
-        print(json.dumps(run_one(args.one, args.artifacts, args.weighting, args.seed)))
+        print(json.dumps(run_one(args.one, args.artifacts, args.weighting, args.seed, args.exact)))
         return 0
     records = []
     for n in args.clients:
         cmd = [sys.executable, "-m", "broker_server.bench_aggregate", "--one", str(n),
-               "--weighting", args.weighting, "--seed", str(args.seed)]
+               "--weighting", args.weighting, "--seed", str(args.seed)] + (["--exact"] if args.exact else [])
         if args.artifacts is not None:
             cmd += ["--artifacts", str(args.artifacts)]
         print(f"[bench] {n} clients in a fresh process", file=sys.stderr, flush=True)
