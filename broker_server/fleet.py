@@ -152,11 +152,14 @@ def acl_filters(federation: str, device_id: str | None) -> list[tuple[str, str]]
     def any_device(topic: str) -> str:  # replace the device level (the last one) by '+'
         return topic.rsplit("/", 1)[0] + "/+"
 
-    if device_id is None:
+    if device_id is None:  # the coordinator, and its aggregator workers (same credential)
         return [("read", wire.upload_subscription(federation)), ("read", wire.presence_subscription(federation)),
+                ("read", any_device(wire.upload_subscription(federation, AGGREGATOR))),  # every lane
                 ("write", any_device(wire.task_topic(federation, AGGREGATOR))),
-                ("write", wire.global_topic(federation))]
-    return [("write", any_device(wire.upload_topic(federation, device_id, 0))),  # .../up/ID/{round|none}
+                ("write", wire.global_topic(federation)),
+                ("readwrite", wire.worker_topic(federation, AGGREGATOR, "in").rsplit("/", 2)[0] + "/#")]
+    upload = any_device(wire.upload_topic(federation, device_id, 0))  # .../up/ID/{round|none}
+    return [("write", upload), ("write", upload + "/+"),  # and .../up/ID/{round}/{worker lane}
             ("write", wire.presence_topic(federation, device_id)),
             ("read", wire.task_topic(federation, device_id)), ("read", wire.global_topic(federation))]
 

@@ -52,6 +52,7 @@ class DeviceAgent:
         self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
         self._last_upload: wire.Update | None = None  # answered again when its task is repeated
+        self._lane: tuple[int, str | None] = (-1, None)  # (round, aggregator worker its task named)
         self._uploaded_at = 0.0  # monotonic time the last upload was acknowledged
         self._rng = np.random.default_rng(config.seed)
         self._dropout_rng = np.random.default_rng([config.seed, 1])  # separate: dropouts do not shift batches
@@ -128,8 +129,12 @@ class DeviceAgent:
 
     def _reply_error(self, round_: int | None, code: wire.ErrorCode, text: str) -> None:
         reply = wire.ErrorReply(device_id=self.config.device_id, round=round_, code=code, message=text[:2000])
-        topic = wire.upload_topic(self.config.federation, self.config.device_id, round_)
-        self.connection.publish_chunks(topic, wire.encode(reply), wire.QOS_UPLOAD)
+        self.connection.publish_chunks(self._upload_topic(round_), wire.encode(reply), wire.QOS_UPLOAD)
+
+    def _upload_topic(self, round_: int | None) -> str:
+        """The round's upload topic, on the lane of the aggregator worker its latest task named."""
+        lane = self._lane[1] if round_ is not None and self._lane[0] == round_ else None
+        return wire.upload_topic(self.config.federation, self.config.device_id, round_, lane)
 
     def _serve(self, task: wire.RoundTask, nbytes: int = 0, arrived: float = 0.0) -> bool:
         cfg = self.config
@@ -137,6 +142,7 @@ class DeviceAgent:
             return False
         if self._dropped_round == task.round:
             return False  # emulated dropout: this device is "offline" for the round
+        self._lane = (task.round, task.upload_lane or None)  # a repeated task may name another worker
         fresh = self._last_upload is None or self._last_upload.round != task.round
         if self.emulation is not None and fresh:
             if self.emulation.drops_out(self._dropout_rng):
@@ -247,7 +253,7 @@ class DeviceAgent:
 
     def _upload(self, round_: int, chunks: list[bytes]) -> None:
         """Publish until the broker acknowledged every chunk (across reconnects), or we are stopped."""
-        topic = wire.upload_topic(self.config.federation, self.config.device_id, round_)
+        topic = self._upload_topic(round_)
         while not self._stop.is_set():
             if self.connection.wait_connected(timeout=1.0) and self.connection.publish_chunks(topic, chunks,
                                                                                                wire.QOS_UPLOAD):

@@ -17,12 +17,27 @@ def test_topic_builders_and_parse():
     assert wire.presence_subscription("fed-1") == "fftmoe/fed-1/presence/+"
     assert wire.task_topic("fed-1", "pi-04") == "fftmoe/fed-1/task/pi-04"
     assert wire.global_topic("fed-1") == "fftmoe/fed-1/global"
-    assert wire.parse_topic("fftmoe/fed-1/up/pi-04/7") == ("up", "fed-1", "pi-04", 7)
-    assert wire.parse_topic("fftmoe/f/up/d/none") == ("up", "f", "d", None)
-    assert wire.parse_topic("fftmoe/f/presence/d.x_1") == ("presence", "f", "d.x_1", None)
-    assert wire.parse_topic("fftmoe/f/task/d") == ("task", "f", "d", None)
-    assert wire.parse_topic("fftmoe/f/global") == ("global", "f", None, None)
-    assert all(q == 1 for q in (wire.QOS_UPLOAD, wire.QOS_PRESENCE, wire.QOS_TASK, wire.QOS_GLOBAL))
+    assert wire.parse_topic("fftmoe/fed-1/up/pi-04/7") == ("up", "fed-1", "pi-04", 7, None)
+    assert wire.parse_topic("fftmoe/f/up/d/none") == ("up", "f", "d", None, None)
+    assert wire.parse_topic("fftmoe/f/presence/d.x_1") == ("presence", "f", "d.x_1", None, None)
+    assert wire.parse_topic("fftmoe/f/task/d") == ("task", "f", "d", None, None)
+    assert wire.parse_topic("fftmoe/f/global") == ("global", "f", None, None, None)
+    assert all(q == 1 for q in (wire.QOS_UPLOAD, wire.QOS_PRESENCE, wire.QOS_TASK, wire.QOS_GLOBAL, wire.QOS_WORKER))
+
+
+def test_upload_lanes_and_worker_topics():
+    assert wire.upload_topic("f", "pi-04", 7, "agg-1") == "fftmoe/f/up/pi-04/7/agg-1"
+    assert wire.parse_topic("fftmoe/f/up/pi-04/7/agg-1") == ("up", "f", "pi-04", 7, "agg-1")
+    assert wire.upload_subscription("f", "agg-1") == "fftmoe/f/up/+/+/agg-1"
+    assert wire.worker_topic("f", "agg-1", "in") == "fftmoe/f/worker/agg-1/in"
+    assert wire.parse_topic("fftmoe/f/worker/agg-1/out") == ("worker-out", "f", "agg-1", None, None)
+    assert wire.worker_subscription("f") == "fftmoe/f/worker/+/out"
+    for bad in ("fftmoe/f/worker/agg-1/sideways", "fftmoe/f/worker/agg-1", "fftmoe/f/up/d/7/a b",
+                "fftmoe/f/up/d/7/a/b"):
+        with pytest.raises(TopicError):
+            wire.parse_topic(bad)
+    with pytest.raises(TopicError, match="direction"):
+        wire.worker_topic("f", "agg-1", "up")
 
 
 @pytest.mark.parametrize("topic", [

@@ -25,9 +25,10 @@ Chunk frame (one MQTT payload), 68 B header then a slice of the body:
     magic b"FMOC", major u16, minor u16, message id 16 B, chunk index u32, chunk count u32,
     body length u32, sha256 of the whole body 32 B
 Compatibility: a different major is refused (`SchemaVersionError`); any minor is accepted, so a
-minor bump may only add optional JSON fields (older readers ignore them) or error codes (older
-readers read them as INTERNAL). Any other change is a major bump. The golden digests in
-tests/test_wire.py pin the bytes: if they change, so must SCHEMA_VERSION.
+minor bump may only add optional JSON fields (older readers ignore them), error codes (older
+readers read them as INTERNAL) or message kinds on topics older peers do not subscribe to (1.1:
+RoundTask.upload_lane and the aggregator-worker messages). Any other change is a major bump. The
+golden digests in tests/test_wire.py pin the bytes: if they change, so must SCHEMA_VERSION.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from .errors import (
 )
 from .fields import ErrorCode
 from .messages import (
-    ROLL_CALL, ErrorReply, GlobalState, Hello, Message, Presence, RoundTask, Update, check_origin,
+    ROLL_CALL, ErrorReply, GlobalState, Hello, Message, Presence, RoundTask, Update, WorkerClose, WorkerPartial,
+    WorkerPlan, WorkerReceipt, WorkerStatus, check_origin,
 )
 from .topics import (
-    QOS_GLOBAL, QOS_PRESENCE, QOS_TASK, QOS_UPLOAD, TOPIC_ROOT, Topic, global_topic, parse_topic,
+    QOS_GLOBAL, QOS_PRESENCE, QOS_TASK, QOS_UPLOAD, QOS_WORKER, TOPIC_ROOT, Topic, global_topic, parse_topic,
     presence_subscription, presence_topic, task_topic, upload_subscription, upload_topic,
-    validate_id,
+    validate_id, worker_subscription, worker_topic,
 )
 
 __all__ = [
@@ -56,9 +58,10 @@ __all__ = [
     # topics
     "TOPIC_ROOT", "QOS_UPLOAD", "QOS_PRESENCE", "QOS_TASK", "QOS_GLOBAL", "Topic", "validate_id",
     "upload_topic", "upload_subscription", "presence_topic", "presence_subscription", "task_topic",
-    "global_topic", "parse_topic",
+    "global_topic", "parse_topic", "QOS_WORKER", "worker_topic", "worker_subscription",
     # messages
     "ROLL_CALL", "ErrorCode", "Hello", "Presence", "RoundTask", "GlobalState", "Update", "ErrorReply", "Message",
+    "WorkerStatus", "WorkerPlan", "WorkerClose", "WorkerReceipt", "WorkerPartial",
     "check_origin",
     # body codec
     "MESSAGE_MAGIC", "encode_body", "decode_body",

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import (
-    _DTYPES, _MAX_HEADER_BYTES, _MAX_ITEMS, _MAX_NDIM, SCHEMA_VERSION, MalformedMessage, WireError,
+    _DTYPES, _MAX_HEADER_BYTES, _TENSOR_DTYPES, _MAX_ITEMS, _MAX_NDIM, SCHEMA_VERSION, MalformedMessage, WireError,
     _check_version,
 )
 from .fields import ErrorCode, _v_str
@@ -45,8 +45,8 @@ def encode_body(message: Message, *, dtype: str | None = None) -> bytes:
         for name, array in value.items():
             wire_name = dtype or array.dtype.name
             with np.errstate(over="ignore"):  # overflow is checked just below, with the name
-                data = np.asarray(array, dtype=_DTYPES[wire_name])
-            if wire_name != array.dtype.name and not np.isfinite(data).all():
+                data = np.asarray(array, dtype=_TENSOR_DTYPES[wire_name])
+            if wire_name != array.dtype.name and data.dtype.kind == "f" and not np.isfinite(data).all():
                 raise MalformedMessage(f"tensor {name!r} overflows {wire_name}")
             blob = data.tobytes(order="C")
             table.append({"name": name, "dtype": wire_name, "shape": list(data.shape),
@@ -84,7 +84,7 @@ def _decode_tensors(table: Any, section: memoryview) -> dict[str, np.ndarray]:
         _v_str("tensor name", name, 512, empty=False)
         if name in out:
             raise MalformedMessage(f"duplicate tensor {name!r}")
-        if not isinstance(dt, str) or dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _TENSOR_DTYPES:
             raise MalformedMessage(f"tensor {name!r}: unknown dtype {dt!r:.40}")
         if (not isinstance(shape, list) or len(shape) > _MAX_NDIM
                 or any(type(d) is not int or d < 0 for d in shape)):
@@ -92,9 +92,9 @@ def _decode_tensors(table: Any, section: memoryview) -> dict[str, np.ndarray]:
         count = math.prod(shape)
         # Tensors must be packed back to back: no gaps, overlaps or bytes outside the section.
         if (type(offset) is not int or type(nbytes) is not int or offset != expected
-                or nbytes != count * _DTYPES[dt].itemsize or expected + nbytes > len(section)):
+                or nbytes != count * _TENSOR_DTYPES[dt].itemsize or expected + nbytes > len(section)):
             raise MalformedMessage(f"tensor {name!r}: offset/nbytes do not match shape or buffer")
-        flat = np.frombuffer(section, dtype=_DTYPES[dt], count=count, offset=offset)
+        flat = np.frombuffer(section, dtype=_TENSOR_DTYPES[dt], count=count, offset=offset)
         out[name] = flat.astype(np.dtype(dt)).reshape(shape)  # a native-order copy, never a view
         expected += nbytes
     if expected != len(section):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMA_VERSION = (1, 0)  # (major, minor)
+SCHEMA_VERSION = (1, 1)  # (major, minor); 1.1: upload lanes and the aggregator-worker messages
 
 DEFAULT_CHUNK_SIZE = 256 * 1024  # frame included; MQTT adds only the topic and a few bytes
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -21,6 +21,9 @@ _MAX_HEADER_BYTES = 1 << 20
 _MAX_NDIM = 8
 _MAX_ITEMS = 4096  # entries of any dict or list in the JSON header
 _DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}  # wire name -> little-endian
+# tensors may also be int64: a worker's exact partial sums (never a device's upload or an upload dtype)
+_TENSOR_DTYPES = {**_DTYPES, "int64": np.dtype("<i8")}
+_MAX_WORKER_ITEMS = 1 << 17  # devices (and norms) one worker may list for one round
 
 
 class WireError(ValueError):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import _DTYPES, _MAX_INT, _MAX_ITEMS, _MAX_NDIM, MAX_ROUND, MalformedMessage
+from .errors import _DTYPES, _MAX_INT, _MAX_ITEMS, _MAX_NDIM, _MAX_WORKER_ITEMS, _TENSOR_DTYPES, MAX_ROUND, MalformedMessage
 from .topics import validate_id
 
 _Rule = Callable[[str, Any], Any]
@@ -47,15 +47,15 @@ def _v_float(what: str, v: Any, lo: float = -math.inf, positive: bool = False) -
     return v
 
 
-def _v_list(what: str, v: Any, item: _Rule) -> list:
-    if not isinstance(v, (list, tuple)) or len(v) > _MAX_ITEMS:
-        raise MalformedMessage(f"{what} must be a list of at most {_MAX_ITEMS} items")
+def _v_list(what: str, v: Any, item: _Rule, max_items: int = _MAX_ITEMS) -> list:
+    if not isinstance(v, (list, tuple)) or len(v) > max_items:
+        raise MalformedMessage(f"{what} must be a list of at most {max_items} items")
     return [item(f"{what}[{i}]", x) for i, x in enumerate(v)]
 
 
-def _v_dict(what: str, v: Any, value: _Rule, key_len: int = 256) -> dict:
-    if not isinstance(v, dict) or len(v) > _MAX_ITEMS:
-        raise MalformedMessage(f"{what} must be a dict of at most {_MAX_ITEMS} items")
+def _v_dict(what: str, v: Any, value: _Rule, key_len: int = 256, max_items: int = _MAX_ITEMS) -> dict:
+    if not isinstance(v, dict) or len(v) > max_items:
+        raise MalformedMessage(f"{what} must be a dict of at most {max_items} items")
     return {_v_str(f"{what} key", k, key_len, empty=False): value(f"{what}[{k!r}]", x) for k, x in v.items()}
 
 
@@ -72,6 +72,17 @@ def _v_array(what: str, a: Any) -> np.ndarray:
     if not np.isfinite(a).all():
         raise MalformedMessage(f"{what} contains NaN or Inf")
     return a
+
+
+def _v_sums(what: str, a: Any) -> np.ndarray:
+    """A worker's exact partial sum: an int64 ndarray (broker_server/exact_sums.py)."""
+    if not isinstance(a, np.ndarray) or a.dtype != _TENSOR_DTYPES["int64"] or a.ndim > _MAX_NDIM:
+        raise MalformedMessage(f"{what} must be an int64 ndarray of at most {_MAX_NDIM} dims")
+    return a
+
+
+def _v_lane(what: str, v: Any) -> str:
+    return v if v == "" else _v_id(what, v)  # "" = no lane: upload to the server's topic
 
 
 def _v_dtype(what: str, v: Any) -> str:
@@ -131,4 +142,15 @@ _RULES: dict[str, _Rule] = {
     "params": partial(_v_dict, value=_v_array, key_len=512),
     "metrics": partial(_v_dict, value=_v_float),
     "note": _v_str, "message": _v_str, "code": _v_code,
+    # sharded aggregation: a device's upload lane, and the coordinator <-> worker messages
+    "upload_lane": _v_lane, "worker_id": _v_id, "ok": _v_bool, "reason": _v_str,
+    "tiers": partial(_v_dict, value=_v_id, max_items=_MAX_WORKER_ITEMS),
+    "slot_maps": partial(_v_dict, value=partial(_v_dict, value=_v_slots), max_items=_MAX_WORKER_ITEMS),
+    "settings": partial(_v_dict, value=partial(_v_str, max_len=256)),
+    "devices": partial(_v_list, item=_v_id, max_items=_MAX_WORKER_ITEMS),
+    "norms": partial(_v_list, item=_NONNEG, max_items=_MAX_WORKER_ITEMS),
+    "den": partial(_v_dict, value=partial(_v_list, item=_NONNEG)),
+    "tokens": partial(_v_dict, value=partial(_v_list, item=_NONNEG)),
+    "head_den": _NONNEG, "samples": _v_int, "bytes_in": _v_int, "bytes_folded": _v_int, "clipped": _v_int,
+    "partial_sums": partial(_v_dict, value=_v_sums, key_len=512),  # the params of a WorkerPartial
 }

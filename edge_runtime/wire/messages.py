@@ -1,4 +1,8 @@
-"""The wire messages: six frozen dataclasses, the `Message` union and `check_origin`.
+"""The wire messages: eleven frozen dataclasses, the `Message` union and `check_origin`.
+
+Six are the device protocol (Hello, Presence, RoundTask, GlobalState, Update, ErrorReply); five
+are between the coordinator and its aggregator workers when aggregation is sharded (WorkerStatus,
+WorkerPlan, WorkerClose, WorkerReceipt, WorkerPartial; broker_server/workers.py).
 
 Each message validates every field on construction (by the rules in `fields`), so a message
 that exists is a valid one, whether built by the sender or decoded from bytes. Messages compare
@@ -30,12 +34,14 @@ class _Message:
     kind: ClassVar[str]
     kind_code: ClassVar[int]  # on the wire
     _nullable: ClassVar[tuple[str, ...]] = ()
+    _int_tensors: ClassVar[bool] = False  # params are int64 sums (WorkerPartial), not float arrays
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is not None or f.name not in self._nullable:
-                object.__setattr__(self, f.name, _RULES[f.name](f.name, value))
+                rule = _RULES["partial_sums" if f.name == "params" and self._int_tensors else f.name]
+                object.__setattr__(self, f.name, rule(f.name, value))
         self._check_together()
 
     def _check_together(self) -> None:
@@ -103,6 +109,7 @@ class RoundTask(_Message):
     deadline_s: float
     upload_dtype: str  # "float32" | "float16"
     params: dict[str, np.ndarray]
+    upload_lane: str = ""  # the aggregator worker to upload to (sharded aggregation); "" = the server
 
     def _check_together(self) -> None:
         shape = {layer: len(slots) for layer, slots in self.slot_map.items()}
@@ -154,10 +161,83 @@ class ErrorReply(_Message):
     message: str = ""
 
 
-Message = Hello | Presence | RoundTask | GlobalState | Update | ErrorReply
-_CLASSES: dict[int, type] = {c.kind_code: c for c in (Hello, Presence, RoundTask, GlobalState, Update, ErrorReply)}
+# -- sharded aggregation: coordinator <-> aggregator workers -------------------------------------
+@dataclass(frozen=True, eq=False)
+class WorkerStatus(_Message):
+    """An aggregator worker is up (online, sent on connect) or gone (offline: its MQTT last will)."""
+
+    kind, kind_code = "worker_status", 7
+    worker_id: str
+    online: bool
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerPlan(_Message):
+    """The devices one worker aggregates in one round: tiers and slot maps by device (their tasks'),
+    the aggregation settings to fold with, and the round's global arrays. A later plan of the same
+    round adds devices (taken over from a failed worker) and carries no arrays."""
+
+    kind, kind_code = "worker_plan", 8
+    worker_id: str
+    round: int
+    tiers: dict[str, str]
+    slot_maps: dict[str, dict[str, list[int]]]
+    settings: dict[str, str]
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerClose(_Message):
+    """The coordinator closes the round: the worker stops folding and sends its WorkerPartial."""
+
+    kind, kind_code = "worker_close", 9
+    worker_id: str
+    round: int
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerReceipt(_Message):
+    """A worker received a device's answer: folded (ok) or rejected / failed (reason), with what the
+    coordinator records per device (bytes, routed tokens per local slot, the device's metrics)."""
+
+    kind, kind_code = "worker_receipt", 10
+    worker_id: str
+    device_id: str
+    round: int
+    ok: bool
+    reason: str = ""
+    bytes_in: int = 0
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerPartial(_Message):
+    """A worker's share of a closed round: the exact int64 sums by array name (params) and the
+    counts beside them (broker_server/aggregation.py RoundPartial), with the devices they hold."""
+
+    kind, kind_code, _int_tensors = "worker_partial", 11, True
+    worker_id: str
+    round: int
+    devices: list[str]
+    den: dict[str, list[float]]
+    tokens: dict[str, list[float]]
+    head_den: float
+    samples: int
+    bytes_folded: int
+    clipped: int
+    norms: list[float]
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+Message = (Hello | Presence | RoundTask | GlobalState | Update | ErrorReply
+           | WorkerStatus | WorkerPlan | WorkerClose | WorkerReceipt | WorkerPartial)
+_CLASSES: dict[int, type] = {c.kind_code: c for c in (Hello, Presence, RoundTask, GlobalState, Update, ErrorReply,
+                                                      WorkerStatus, WorkerPlan, WorkerClose, WorkerReceipt,
+                                                      WorkerPartial)}
 _TOPIC_KIND = {Hello: "presence", Presence: "presence", RoundTask: "task", GlobalState: "global",
-               Update: "up", ErrorReply: "up"}
+               Update: "up", ErrorReply: "up", WorkerPlan: "worker-in", WorkerClose: "worker-in",
+               WorkerStatus: "worker-out", WorkerReceipt: "worker-out", WorkerPartial: "worker-out"}
 
 
 def check_origin(message: Message, topic: str) -> Topic:
@@ -169,8 +249,12 @@ def check_origin(message: Message, topic: str) -> Topic:
     t = parse_topic(topic)
     if _TOPIC_KIND.get(type(message)) != t.kind:
         raise MalformedMessage(f"{getattr(message, 'kind', type(message).__name__)} message on a {t.kind} topic")
-    if t.device_id is not None and message.device_id != t.device_id:
-        raise MalformedMessage(f"message of device {message.device_id!r} on the topic of {t.device_id!r}")
+    if t.device_id is not None:  # the topic names its sender: a device, or a worker on worker topics
+        worker = t.kind.startswith("worker")
+        sender = message.worker_id if worker else message.device_id
+        if sender != t.device_id:
+            raise MalformedMessage(f"message of {'worker' if worker else 'device'} {sender!r} on the topic of "
+                                   f"{t.device_id!r}")
     if t.kind == "up" and message.round != t.round:
         raise MalformedMessage(f"message for round {message.round} on the topic of round {t.round}")
     if isinstance(message, RoundTask) and message.federation != t.federation:
