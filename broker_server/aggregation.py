@@ -224,6 +224,11 @@ class FftMoeStrategy(Strategy):
                   if b is not None and b > 0]  # NaN (no history) and 0 (all-zero deltas) mean no bound
         self._bound = min(bounds) if bounds else None
 
+    @property
+    def clip_bound(self) -> float | None:
+        """The norm bound of the round begun (fixed and / or from the previous round's median)."""
+        return self._bound
+
     def fold(self, update: ClientUpdate) -> None:
         if self._global is None:
             raise RuntimeError("fold() before begin_round()")

@@ -1,5 +1,9 @@
 """`fftmoe serve`: run the aggregation server, with the embedded broker unless --broker is given.
 
+`--workers N` makes it the coordinator of N or more `fftmoe serve --worker` processes, which receive
+and fold the updates (sharded aggregation, broker_server/coordinator.py and workers.py); a worker
+takes the same artifacts, federation and broker flags.
+
 Exit codes: 0 the configured rounds are complete (or stopped by SIGTERM); 2 bad configuration;
 3 artifacts missing or corrupt; 5 state folder unreadable or unwritable.
 """
@@ -35,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                  "--server-lr", "--router-lr", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
     parser.add_argument("--personalise-router", action="store_true", default=None)
+    parser.add_argument("--exact", action="store_true", default=None,
+                        help="exact integer aggregation: the same bits in any update order (what --workers uses)")
+    parser.add_argument("--workers", type=int, help="coordinate this many aggregator workers (default 0: fold here)")
+    parser.add_argument("--close-timeout-s", type=float, help="seconds a worker has to send its partial sums")
+    parser.add_argument("--worker", action="store_true", help="run as an aggregator worker of a coordinator")
+    parser.add_argument("--worker-name", help="this worker's id (default host-pid)")
     parser.add_argument("--audit-log", action="store_true", default=None,
                         help="log every folded update under STATE/audit/ so the global model can be replayed")
     parser.add_argument("--log-level", default="INFO")
@@ -57,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge_runtime.manifest import ArtifactIntegrityError, ManifestError, load_manifest, verify_files
     from edge_runtime.mqtt import BrokerConfig, BrokerConfigError
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level", "worker", "worker_name")}
     try:
         config = load_server_config(args.config, overrides)
     except ServerConfigError as err:
@@ -67,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         verify_files(manifest, [manifest.global_init])
     except (ManifestError, ArtifactIntegrityError) as err:
         return _fail(str(err), EXIT_ARTIFACTS)
+    if args.worker:
+        return _run_worker(config, manifest, args.worker_name)
     store = StateStore(config.state_dir)
     embedded = None
     try:
@@ -75,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             embedded = EmbeddedBroker(config.host, config.port).start()
             broker = BrokerConfig(host=config.host, port=embedded.port)
         else:
-            broker = BrokerConfig.from_url(config.broker, ca_file=config.ca_file, cert_file=config.cert_file,
-                                           key_file=config.key_file, username=config.username,
-                                           password=config.password())
-        server = AggregationServer(config, manifest, store, broker)
+            broker = _external_broker(config)
+        if config.workers:
+            from broker_server.coordinator import CoordinatorServer
+
+            server = CoordinatorServer(config, manifest, store, broker)
+        else:
+            server = AggregationServer(config, manifest, store, broker)
     except StateError as err:
         return _fail(str(err), EXIT_STATE)
     except (BrokerConfigError, EmbeddedBrokerError, ServerConfigError, ValueError) as err:
@@ -94,6 +109,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _external_broker(config):
+    from edge_runtime.mqtt import BrokerConfig
+
+    return BrokerConfig.from_url(config.broker, ca_file=config.ca_file, cert_file=config.cert_file,
+                                 key_file=config.key_file, username=config.username, password=config.password())
+
+
+def _run_worker(config, manifest, name: str | None) -> int:
+    """`--worker`: fold the updates a coordinator sends this process's lane, until SIGTERM."""
+    from broker_server.config import ServerConfigError
+    from broker_server.workers import AggregatorWorker, default_worker_id
+    from edge_runtime import wire
+    from edge_runtime.mqtt import BrokerConfigError
+
+    if config.broker is None:
+        return _fail("a worker connects to its coordinator's broker: give --broker mqtt://HOST:PORT (the "
+                     "coordinator's embedded broker prints its address, or use mosquitto)", EXIT_CONFIG)
+    if config.workers:
+        return _fail("--worker and --workers exclude each other: a worker folds, a coordinator has workers",
+                     EXIT_CONFIG)
+    try:
+        worker = AggregatorWorker(name or default_worker_id(), config.federation, manifest, _external_broker(config),
+                                  config.chunk_size)
+    except (BrokerConfigError, ServerConfigError, wire.WireError) as err:
+        return _fail(str(err), EXIT_CONFIG)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: worker.stop())
+    return worker.run()
 
 
 if __name__ == "__main__":

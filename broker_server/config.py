@@ -52,6 +52,9 @@ class ServerConfig:
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
     audit_log: bool = False  # write every folded update to STATE/audit/ (replayable; disk: clients x model)
+    exact: bool = False  # fold into exact integer sums (exact_sums.py): order-free, the bits sharding gives
+    workers: int = 0  # > 0: coordinate this many `fftmoe serve --worker` processes, which fold (coordinator.py)
+    close_timeout_s: float = 60.0  # a worker's partial sums must arrive within this after the close
     seed: int = 0
     chunk_size: int = 256 * 1024
     max_update_bytes: int = 64 * 1024 * 1024
@@ -75,10 +78,14 @@ class ServerConfig:
             (0 <= self.router_lr <= 1, "router_lr must be in [0, 1]"),
             (self.router_lr == 1 or self.optimizer == "fedavg", "router_lr applies to the fedavg optimizer only"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
-            (self.method == "fft-moe" or not (self.audit_log or self.personalise_router or self.clip_multiplier
+            (self.workers >= 0 and self.close_timeout_s > 0, "workers must be >= 0 and close_timeout_s > 0"),
+            (not (self.workers and self.audit_log), "audit_log needs the updates in this process; with workers "
+             "they are folded elsewhere"),
+            (self.method == "fft-moe" or not (self.exact or self.workers or self.audit_log or self.personalise_router or self.clip_multiplier
                                                or self.router_lr != 1
                                                or self.optimizer != "fedavg" or self.weighting != "samples"),
-             "audit_log, personalise_router, router_lr, clip_multiplier, optimizer and weighting are FFT-MoE options; the LoRA "
+             "exact, workers, audit_log, personalise_router, router_lr, clip_multiplier, optimizer and weighting are "
+             "FFT-MoE options; the LoRA "
              "baselines run plain sample-weighted FedAvg as published"),
         ]
         for ok, message in checks:

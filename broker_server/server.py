@@ -76,7 +76,8 @@ class AggregationServer:
         self.store = store
         self.method = make_method(config.method, manifest, AggregationConfig(
             weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
-            personalise_router=config.personalise_router, router_lr=config.router_lr, clip_multiplier=config.clip_multiplier,
+            personalise_router=config.personalise_router, router_lr=config.router_lr,
+            exact=config.exact or config.workers > 0, clip_multiplier=config.clip_multiplier,
             norm_policy=config.norm_policy), gamma=config.gamma)
         self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()
@@ -89,11 +90,12 @@ class AggregationServer:
         self._folded = 0  # updates folded in the current round: their order in the audit log
         self._rng = random.Random(config.seed)
         fed = config.federation
-        self.connection = MqttConnection(
-            broker, client_id=f"fftmoe-server-{fed}",
-            subscriptions=[(wire.presence_subscription(fed), wire.QOS_PRESENCE),
-                           (wire.upload_subscription(fed), wire.QOS_UPLOAD)],
-            on_message=self._receive, on_connect=self._roll_call)
+        self.connection = MqttConnection(broker, client_id=f"fftmoe-server-{fed}", subscriptions=self._subscriptions(),
+                                         on_message=self._receive, on_connect=self._roll_call)
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        fed = self.config.federation
+        return [(wire.presence_subscription(fed), wire.QOS_PRESENCE), (wire.upload_subscription(fed), wire.QOS_UPLOAD)]
 
     def _roll_call(self) -> None:
         """Ask every device to announce itself: after a server restart the registry is empty while
@@ -314,14 +316,18 @@ class AggregationServer:
         if self.config.audit_log:
             audit.record(self.store.folder, round_, self._folded, update)
         self._folded += 1
-        history = self.devices[message.device_id].history = self.method.history(update)
+        self._count(outcome, message.device_id, size, message.metrics, self.method.history(update))
+
+    def _count(self, outcome: RoundOutcome, device_id: str, size: int, metrics: dict, history) -> None:
+        """Record a folded update: the device's history for its next slot plan, and the round's record."""
+        self.devices[device_id].history = history
         outcome.updates += 1
         outcome.bytes_up += size
-        outcome.metrics.append(dict(message.metrics))
-        outcome.devices[message.device_id].update(
-            status="ok", bytes_up=size, emulated_s=message.metrics.get("emulated_s"),
-            compute_s=message.metrics.get("emulated_compute_s"), transfer_s=message.metrics.get("emulated_transfer_s"),
-            holdout_accuracy=message.metrics.get("holdout_accuracy"), peak_rss_mb=message.metrics.get("peak_rss_mb"),
+        outcome.metrics.append(dict(metrics))
+        outcome.devices[device_id].update(
+            status="ok", bytes_up=size, emulated_s=metrics.get("emulated_s"),
+            compute_s=metrics.get("emulated_compute_s"), transfer_s=metrics.get("emulated_transfer_s"),
+            holdout_accuracy=metrics.get("holdout_accuracy"), peak_rss_mb=metrics.get("peak_rss_mb"),
             usage={str(layer): counts.tolist() for layer, counts in (history or {}).items()})
 
     def _close(self, round_: int, participants: list[str], outcome: RoundOutcome, attempt: int,

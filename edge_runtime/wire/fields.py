@@ -143,7 +143,7 @@ _RULES: dict[str, _Rule] = {
     "metrics": partial(_v_dict, value=_v_float),
     "note": _v_str, "message": _v_str, "code": _v_code,
     # sharded aggregation: a device's upload lane, and the coordinator <-> worker messages
-    "upload_lane": _v_lane, "worker_id": _v_id, "ok": _v_bool, "reason": _v_str,
+    "upload_lane": _v_lane, "worker_id": _v_id, "session": _v_id, "ok": _v_bool, "reason": _v_str,
     "tiers": partial(_v_dict, value=_v_id, max_items=_MAX_WORKER_ITEMS),
     "slot_maps": partial(_v_dict, value=partial(_v_dict, value=_v_slots), max_items=_MAX_WORKER_ITEMS),
     "settings": partial(_v_dict, value=partial(_v_str, max_len=256)),

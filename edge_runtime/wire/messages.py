@@ -180,6 +180,7 @@ class WorkerPlan(_Message):
     kind, kind_code = "worker_plan", 8
     worker_id: str
     round: int
+    session: str  # the coordinator's run and attempt: a plan of a new session starts from zero
     tiers: dict[str, str]
     slot_maps: dict[str, dict[str, list[int]]]
     settings: dict[str, str]
@@ -193,6 +194,7 @@ class WorkerClose(_Message):
     kind, kind_code = "worker_close", 9
     worker_id: str
     round: int
+    session: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -204,6 +206,7 @@ class WorkerReceipt(_Message):
     worker_id: str
     device_id: str
     round: int
+    session: str
     ok: bool
     reason: str = ""
     bytes_in: int = 0
@@ -219,6 +222,7 @@ class WorkerPartial(_Message):
     kind, kind_code, _int_tensors = "worker_partial", 11, True
     worker_id: str
     round: int
+    session: str
     devices: list[str]
     den: dict[str, list[float]]
     tokens: dict[str, list[float]]
