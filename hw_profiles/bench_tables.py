@@ -19,13 +19,15 @@ METHODS = ("fft-moe", "fedit", "hetlora", "flexlora", "local", "central")
 REFERENCES = ("local", "central")
 ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "activation": ["--weighting", "activation"], "personal-router": ["--personalise-router"],
-             "router-lr0": ["--router-lr", "0"]}
+             "router-lr0": ["--router-lr", "0"],
+             "personal-router-avg": ["--personalise-router", "--serve-averaged-router"]}
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
 
 ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "activation": "aggregation weights: activation", "personal-router": "router rows kept on the device",
-                 "router-lr0": "global router rows not averaged (server router step 0)"}
+                 "router-lr0": "global router rows not averaged (server router step 0)",
+                 "personal-router-avg": "router rows kept on the device; the served model averages them"}
 
 
 def _order(partition: str, name: str) -> tuple:

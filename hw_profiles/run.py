@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FFT-MoE aggregation weights: samples (the paper's |D_n|) or tokens routed to each expert")
     p.add_argument("--personalise-router", action="store_true",
                    help="FFT-MoE: devices keep their own router rows; only experts and head are aggregated")
+    p.add_argument("--serve-averaged-router", action="store_true",
+                   help="with --personalise-router: the server still averages the devices' router rows into the "
+                        "global model it evaluates and serves (devices keep using their own)")
     p.add_argument("--router-lr", type=float, default=1.0,
                    help="FFT-MoE: server step on the router rows, 1 averages them (default), 0 keeps the global "
                         "gate where it is while devices still adapt theirs within a round")
@@ -116,6 +119,9 @@ def _export_adapters(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.serve_averaged_router and not args.personalise_router:
+        print("fftmoe run: error: --serve-averaged-router goes with --personalise-router", file=sys.stderr)
+        return 2
     if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router or args.router_lr != 1):
         print("fftmoe run: error: --weighting, --personalise-router and --router-lr are FFT-MoE options; the LoRA baselines "
               "run sample-weighted FedAvg as published", file=sys.stderr)
@@ -196,7 +202,8 @@ def _run(args, fleet) -> int:
                               learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
                               lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
-                              personalise_router=args.personalise_router, router_lr=args.router_lr)
+                              personalise_router=args.personalise_router and not args.serve_averaged_router,
+                              router_lr=args.router_lr)
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate

@@ -94,3 +94,20 @@ def test_a_worker_killed_mid_round_loses_nothing(tiny_export, tmp_path, mosquitt
     assert "aggregator worker wa went offline; handing its 2 devices to another worker" in log
     assert [r["updates"] for r in records] == [4, 4] and not records[0]["failed"]
     assert all(single[k].tobytes() == sharded[k].tobytes() for k in single)
+
+
+def test_bad_sharding_flags_fail_with_a_clear_message(tiny_export, tmp_path):
+    def serve(*flags):
+        return subprocess.run([sys.executable, "-m", "fftmoe.cli", "serve", "--artifacts", str(tiny_export.root),
+                               "--state-dir", str(tmp_path / "state"), *flags], capture_output=True, text=True,
+                              timeout=60)
+
+    cases = [(["--worker"], "a worker connects to its coordinator's broker: give --broker"),
+             (["--worker", "--broker", "mqtt://127.0.0.1:1", "--workers", "2"], "--worker and --workers exclude"),
+             (["--workers", "2", "--audit-log"], "audit_log needs the updates in this process"),
+             (["--workers", "-1"], "workers must be >= 0"),
+             (["--workers", "2", "--method", "fedit"], "exact, workers, audit_log")]
+    for flags, message in cases:
+        done = serve(*flags)
+        assert done.returncode == 2 and message in done.stderr, (flags, done.stderr[-500:])
+    assert not (tmp_path / "state").exists()  # nothing was created on the way to the error

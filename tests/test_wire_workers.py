@@ -1,0 +1,103 @@
+"""The coordinator <-> aggregator-worker messages of wire 1.1 (round trips, int64 sums only where they
+belong, binding to worker topics) and the coordinator's WorkerPool bookkeeping, with no broker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from broker_server.coordinator import WorkerPool
+from broker_server.workers import plan_settings, settings_config
+from broker_server.aggregation import AggregationConfig
+from edge_runtime import wire
+from edge_runtime.wire import MalformedMessage
+
+SUMS = {"layer.0.w1": np.arange(12, dtype=np.int64).reshape(3, 4) * (1 << 40), "head": np.array([-5], np.int64)}
+
+
+def _partial(**over):
+    kw = dict(worker_id="wa", round=3, session="s1-3-0", devices=["pi-1", "pi-2"], den={"5": [20.0, 0.0, 7.0]},
+              tokens={"5": [100.0, 0.0, 12.0]}, head_den=27.0, samples=27, bytes_folded=4096, clipped=1,
+              norms=[0.5, 1.25], params=SUMS)
+    kw.update(over)
+    return wire.WorkerPartial(**kw)
+
+
+MESSAGES = [
+    wire.WorkerStatus(worker_id="wa", online=True),
+    wire.WorkerPlan(worker_id="wa", round=3, session="s1-3-0", tiers={"pi-1": "small"},
+                    slot_maps={"pi-1": {"5": [2, 7]}}, settings={"weighting": "samples"},
+                    params={"g": np.ones((2, 3), np.float32)}),
+    wire.WorkerPlan(worker_id="wa", round=3, session="s1-3-0", tiers={}, slot_maps={}, settings={}),
+    wire.WorkerClose(worker_id="wa", round=3, session="s1-3-0"),
+    wire.WorkerReceipt(worker_id="wa", device_id="pi-1", round=3, session="s1-3-0", ok=True, bytes_in=1000,
+                       expert_tokens={"5": [10, 0]}, metrics={"loss": 0.5}),
+    wire.WorkerReceipt(worker_id="wa", device_id="pi-2", round=3, session="s1-3-0", ok=False, reason="NaN"),
+    _partial(),
+    _partial(devices=[], den={}, tokens={}, norms=[], params={}),
+]
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m.kind)
+def test_worker_messages_round_trip_on_their_topics(message):
+    [decoded] = [wire.decode_single(c) for c in wire.encode(message, chunk_size=1 << 20)]
+    assert decoded == message
+    direction = "in" if isinstance(message, (wire.WorkerPlan, wire.WorkerClose)) else "out"
+    topic = wire.worker_topic("fed", "wa", direction)
+    assert wire.check_origin(decoded, topic).kind == f"worker-{direction}"
+    with pytest.raises(MalformedMessage, match="worker 'wa' on the topic of 'wb'"):
+        wire.check_origin(decoded, wire.worker_topic("fed", "wb", direction))
+    with pytest.raises(MalformedMessage):
+        wire.check_origin(decoded, wire.worker_topic("fed", "wa", "out" if direction == "in" else "in"))
+
+
+def test_int64_tensors_only_in_partial_sums():
+    decoded = wire.decode_single(wire.encode(_partial(), chunk_size=1 << 20)[0])
+    assert decoded.params["layer.0.w1"].dtype == np.int64 and decoded.params["layer.0.w1"][2, 3] == 11 << 40
+    with pytest.raises(MalformedMessage, match="int64"):
+        _partial(params={"x": np.ones(3, np.float32)})
+    with pytest.raises(MalformedMessage, match="float32 or float16"):
+        wire.Update(device_id="d", round=1, tier="t", params={"x": np.ones(3, np.int64)}, expert_tokens={},
+                    num_samples=1)
+    with pytest.raises(ValueError, match="dtype must be None or one of"):
+        wire.encode(_partial(), dtype="int64")  # not an upload dtype
+
+
+def test_a_task_names_its_upload_lane_and_old_tasks_have_none():
+    task = wire.RoundTask(federation="f", round=1, device_id="d", tier="t", slot_map={}, lambda_bal=0.0,
+                          lambda_het=0.0, het_target={}, local_steps=1, learning_rate=0.1, deadline_s=1.0,
+                          upload_dtype="float32", params={})
+    assert task.upload_lane == ""
+    laned = wire.decode_single(wire.encode(wire.RoundTask(**{**task.__dict__, "upload_lane": "wa"}))[0])
+    assert laned.upload_lane == "wa"
+    with pytest.raises(MalformedMessage, match="upload_lane"):
+        wire.RoundTask(**{**task.__dict__, "upload_lane": "a/b"})
+
+
+def test_plan_settings_round_trip():
+    config = AggregationConfig(weighting="activation", personalise_router=True, norm_policy="reject")
+    back, limit = settings_config(plan_settings(config, 2.5, 1234))
+    assert (back.weighting, back.personalise_router, back.clip_bound, back.norm_policy, back.exact, limit) == \
+        ("activation", True, 2.5, "reject", True, 1234)
+    assert settings_config(plan_settings(AggregationConfig(), None, 1))[0].clip_bound is None
+
+
+def test_pool_balances_and_a_lost_worker_gives_back_its_devices():
+    pool = WorkerPool()
+    for w in ("wb", "wa", "wc"):
+        pool.status(wire.WorkerStatus(worker_id=w, online=True))
+    pool.begin("s1")
+    lanes = pool.assign([f"d{i}" for i in range(7)])
+    load = {w: list(lanes.values()).count(w) for w in ("wa", "wb", "wc")}
+    assert sorted(load.values()) == [2, 2, 3] and load["wa"] == 3  # least loaded first, ties by id
+    pool.receipts["d0"] = "receipt"
+    pool.partials["wa"] = "partial"
+    lost = pool.status(wire.WorkerStatus(worker_id="wa", online=False))
+    assert lost == sorted(d for d, w in lanes.items() if w == "wa") and "d0" in lost
+    assert "d0" not in pool.receipts and "wa" not in pool.partials and pool.live() == ["wb", "wc"]
+    moved = pool.assign(lost)
+    assert set(moved.values()) <= {"wb", "wc"}
+    pool.status(wire.WorkerStatus(worker_id="wa", online=True))  # back, but its share of s1 is gone
+    assert pool.live() == ["wb", "wc"] and pool.lose("wa", "again") == []
+    pool.begin("s2")
+    assert pool.live() == ["wa", "wb", "wc"]
