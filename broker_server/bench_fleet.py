@@ -36,9 +36,9 @@ Shapes are the default export's tiers (computed without torch, as in `bench_aggr
 export's manifest (`--artifacts DIR`). Brokers: Debian's mosquitto on a free loopback port (the
 default when installed, with the fleet config's `max_queued_messages`), the embedded amqtt broker,
 or an external `mqtt://host:port` (shared with others: the numbers then include their traffic).
-Scaling out: the aggregating subscriber is one process that folds everything; a `--workers W`
-option would start W of them, each folding its share of the blocks (aggregation.py says which
-split keeps the result exact), and report the slowest. This is a benchmark, never a timed test.
+Scaling out: `--workers 1,2` adds, per N, passes through real aggregator worker processes on upload
+lanes with a coordinating process that merges their exact partial sums (bench_fleet_workers.py).
+This is a benchmark, never a timed test.
 """
 from __future__ import annotations
 
@@ -49,10 +49,8 @@ import queue
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +58,7 @@ import numpy as np
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy
 from broker_server.update_checks import validate_update
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
-from broker_server.embedded_broker import EmbeddedBroker, free_port, mosquitto_binary, wait_for_port
+from broker_server.embedded_broker import loopback_broker, mosquitto_binary
 from edge_runtime import wire
 
 PROG = "fftmoe bench fleet"
@@ -144,7 +142,8 @@ def run_publisher(args) -> int:
             if delay > 0:
                 time.sleep(delay)
             chunks = wire.encode(make_update(i, args.tier, slots, layers, params), dtype=args.upload_dtype)
-            ok = conn.publish_chunks(wire.upload_topic(FEDERATION, device_id(i), ROUND), chunks, wire.QOS_UPLOAD)
+            lane = f"bw{i % args.lanes}" if args.lanes else None  # sharded: the worker its task would name
+            ok = conn.publish_chunks(wire.upload_topic(FEDERATION, device_id(i), ROUND, lane), chunks, wire.QOS_UPLOAD)
             with lock:
                 totals["published" if ok else "failed"] += 1
                 totals["payloads"] += len(chunks)
@@ -349,32 +348,6 @@ def measure(args, clients: int, payloads_per_update: int) -> dict:
             "all_server_peak_rss_mb": [r[1]["peak_rss_mb"] for r in agg_runs]}
 
 
-@contextmanager
-def broker(kind: str):
-    """Yield (url, description) of the broker to measure against."""
-    if kind == "embedded":
-        with EmbeddedBroker(port=0) as embedded:
-            yield embedded.url, "embedded amqtt (in the bench's main process)"
-        return
-    if kind != "mosquitto":
-        yield kind, f"external {kind}"
-        return
-    from broker_server.fleet import MAX_QUEUED_MESSAGES
-
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as folder:
-        config = Path(folder) / "mosquitto.conf"
-        config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                          f"max_queued_messages {MAX_QUEUED_MESSAGES}\nlog_dest stderr\nlog_type error\n")
-        proc = subprocess.Popen([mosquitto_binary(), "-c", str(config)], stdout=subprocess.DEVNULL)
-        try:
-            wait_for_port(port)
-            yield f"mqtt://127.0.0.1:{port}", f"mosquitto on 127.0.0.1:{port}"
-        finally:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         self.exit(2, f"{PROG}: {message}\n")
@@ -395,9 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternating broker-only / aggregating passes per N; the fastest of each is reported")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", default="",
+                        help="also measure sharded aggregation with these aggregator worker counts, e.g. 1,2")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # child processes
-    parser.add_argument("--role", choices=("publish", "count", "aggregate"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("publish", "count", "aggregate", "shard", "coordinate"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--lanes", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--index", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--timeout", type=float, default=600.0, help=argparse.SUPPRESS)
@@ -411,6 +388,12 @@ def _check(parser: argparse.ArgumentParser, args) -> list[int]:
         parser.error(f"--clients must be comma-separated integers, got {args.clients!r}")
     if not counts or min(counts) < 1:
         parser.error("--clients: every count must be >= 1")
+    try:
+        args.workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    except ValueError:
+        parser.error(f"--workers must be comma-separated integers, got {args.workers!r}")
+    if args.workers and min(args.workers) < 1:
+        parser.error("--workers: every count must be >= 1")
     if args.jitter_ms < 0 or min(args.publishers, args.connections, args.repeats) < 1:
         parser.error("--jitter-ms must be >= 0, --publishers, --connections and --repeats >= 1")
     if args.broker is None:
@@ -437,18 +420,26 @@ def main(argv: list[str] | None = None) -> int:
     counts = _check(parser, args)
     if args.role is not None:
         args.clients = counts[0]
-        return {"publish": run_publisher, "count": run_counter, "aggregate": run_aggregator}[args.role](args)
+        from broker_server.bench_fleet_workers import run_coordinator, run_shard_worker
+
+        args.workers = args.workers[0] if args.workers else 1
+        return {"publish": run_publisher, "count": run_counter, "aggregate": run_aggregator,
+                "shard": run_shard_worker, "coordinate": run_coordinator}[args.role](args)
     space, slots, layers = tier_of(args.artifacts, args.tier)
     params = {n: np.zeros(s, np.float32) for n, s in space.tier_shapes(layers, slots).items()}
     sample = wire.encode(make_update(0, args.tier, slots, layers, params), dtype=args.upload_dtype)
     records = []
-    with broker(args.broker) as (url, described):
+    with loopback_broker(args.broker) as (url, described):
         args.broker_url = url
         print(f"[fleet] tier {args.tier}: {sum(map(len, sample)) / 1e6:.3f} MB in {len(sample)} payload(s) per "
               f"update; broker: {described}", file=sys.stderr, flush=True)
         try:
             for n in counts:
                 records.append(measure(args, n, len(sample)))
+                if args.workers:
+                    from broker_server.bench_fleet_workers import measure_sharded
+
+                    records[-1]["sharded"] = measure_sharded(args, n)
                 r = records[-1]
                 print(f"[fleet] {n} devices: {r['updates_per_s']} updates/s aggregated, "
                       f"{r['broker_only_updates_per_s']} broker only", file=sys.stderr, flush=True)
@@ -467,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                "server peak RSS MB", "round close s", "finish ms", "peak inbox")
     rows = [(r["clients"], r["updates_per_s"], r["mbytes_per_s"], r["broker_only_updates_per_s"],
              r["broker_only_mbytes_per_s"], f"{r['ratio']:.0%}", r["server_peak_rss_mb"], r["round_close_s"],
-             r["finish_ms"], r["peak_inbox"]) for r in records]
+             r["finish_ms"], r["peak_inbox"]) + tuple(
+                 f"{s['updates_per_s']} / {s['worker_peak_rss_mb']} / {s['round_close_s']}" for s in r.get("sharded", []))
+            for r in records]
+    headers += tuple(f"{w} worker(s): updates/s / worker RSS MB / close s" for w in args.workers)
     rss = [r["server_peak_rss_mb"] for r in records]
     print(format_table(headers, rows))
     print(f"tier {args.tier} ({records[0]['mbytes_per_update']} MB per update, {args.upload_dtype}), {described}, "

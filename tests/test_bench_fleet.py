@@ -46,7 +46,7 @@ def test_simulated_update_passes_the_servers_checks(dtype):
 def test_short_fleet_run_aggregates_every_update():
     broker = "mosquitto" if fleet.mosquitto_binary() else "embedded"
     done = _bench("--clients", "20,60", "--broker", broker, "--publishers", "1", "--connections", "2",
-                  "--jitter-ms", "50", "--repeats", "1", "--json")
+                  "--jitter-ms", "50", "--repeats", "1", "--workers", "1,2", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["benchmark"] == "fleet" and result["tier"] == "nano"
@@ -60,6 +60,12 @@ def test_short_fleet_run_aggregates_every_update():
         assert r["mbytes_per_s"] == pytest.approx(r["updates_per_s"] * r["mbytes_per_update"], rel=0.01)
         assert 0.15 < r["mbytes_per_update"] < 0.3
         assert r["round_close_s"] >= r["clients"] / r["updates_per_s"] * 0.99  # closes after the last fold
+        # the same load through real aggregator worker processes on their lanes (the run fails if any
+        # update is not folded exactly once and merged)
+        assert [s["workers"] for s in r["sharded"]] == [1, 2]
+        for s in r["sharded"]:
+            assert s["updates_per_s"] > 0 and s["worker_peak_rss_mb"] > 0 and len(s["worker_cpu_s"]) == s["workers"]
+            assert s["round_close_s"] >= r["clients"] / s["updates_per_s"] * 0.99
     assert "[fleet] 60 devices" in done.stderr  # progress on stderr, JSON alone on stdout
 
 
@@ -70,6 +76,7 @@ def test_short_fleet_run_aggregates_every_update():
     (["--broker", "ftp://example"], "--broker must be embedded, mosquitto or a URL"),
     (["--upload-dtype", "int8"], "invalid choice"),
     (["--repeats", "0"], "--repeats >= 1"),
+    (["--workers", "0"], "--workers: every count must be >= 1"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, words):
     done = _bench(*argv, timeout=60)
