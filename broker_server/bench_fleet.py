@@ -98,10 +98,10 @@ def _broker_config(url: str):
     return BrokerConfig.from_url(url)
 
 
-def _connect(url: str, client_id: str, subscriptions, on_message):
+def _connect(url: str, client_id: str, subscriptions, on_message, manual_ack: bool = False):
     from edge_runtime.mqtt import MqttConnection
 
-    conn = MqttConnection(_broker_config(url), client_id, subscriptions, on_message)
+    conn = MqttConnection(_broker_config(url), client_id, subscriptions, on_message, manual_ack=manual_ack)
     conn.start()
     if not conn.wait_connected(timeout=30):
         conn.stop()
@@ -199,7 +199,8 @@ def run_aggregator(args) -> int:
     inbox: queue.Queue = queue.Queue()
     state = {"payloads": 0, "bytes": 0, "first_rx": None, "wire_rejected": 0}
 
-    def receive(topic: str, payload: bytes) -> None:  # network thread, as AggregationServer._receive
+    def receive(topic: str, payload: bytes, ack) -> None:  # network thread, as AggregationServer._receive
+        queued = False
         state["first_rx"] = state["first_rx"] or time.monotonic()
         state["payloads"] += 1
         state["bytes"] += len(payload)
@@ -208,12 +209,16 @@ def run_aggregator(args) -> int:
             message = reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
-                inbox.put(message)
+                inbox.put((message, ack))
+                queued = True
         except wire.WireError:
             state["wire_rejected"] += 1
+        finally:
+            if not queued:
+                ack()  # acknowledged once dealt with: the broker holds the backlog, as for the server
 
     conn = _connect(args.broker, f"bench-agg-{os.getpid()}", [(wire.upload_subscription(FEDERATION),
-                                                               wire.QOS_UPLOAD)], receive)
+                                                               wire.QOS_UPLOAD)], receive, manual_ack=True)
     rss_setup = peak_rss_mb()
     time.sleep(0.3)
     _emit(READY)
@@ -223,11 +228,12 @@ def run_aggregator(args) -> int:
     while folded + rejected < args.expect and time.monotonic() < deadline:  # main thread, as _answer
         deepest = max(deepest, inbox.qsize())
         try:
-            message = inbox.get(timeout=0.2)
+            message, ack = inbox.get(timeout=0.2)
         except queue.Empty:
             continue
         if not isinstance(message, wire.Update) or message.tier != args.tier:
             rejected += 1
+            ack()
             continue
         i = int(message.device_id.rsplit("-", 1)[1])
         update = ClientUpdate(device_id=message.device_id,
@@ -237,9 +243,10 @@ def run_aggregator(args) -> int:
                                              for k, v in message.expert_tokens.items()})
         if validate_update(update, expected, space.experts):
             rejected += 1
-            continue
-        strategy.fold(update)
-        folded += 1
+        else:
+            strategy.fold(update)
+            folded += 1
+        ack()
         last_fold = time.monotonic()
     t = time.monotonic()
     _, stats = strategy.finish()

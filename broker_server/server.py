@@ -90,8 +90,9 @@ class AggregationServer:
         self._folded = 0  # updates folded in the current round: their order in the audit log
         self._rng = random.Random(config.seed)
         fed = config.federation
+        self._ack = None  # acknowledges the message the main thread took last (MqttConnection backpressure)
         self.connection = MqttConnection(broker, client_id=f"fftmoe-server-{fed}", subscriptions=self._subscriptions(),
-                                         on_message=self._receive, on_connect=self._roll_call)
+                                         on_message=self._receive, on_connect=self._roll_call, manual_ack=True)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         fed = self.config.federation
@@ -119,7 +120,11 @@ class AggregationServer:
         return state
 
     # -- network thread ------------------------------------------------------------------------
-    def _receive(self, topic: str, payload: bytes) -> None:
+    def _receive(self, topic: str, payload: bytes, ack) -> None:
+        """Reassemble and queue; a message is acknowledged to the broker once the main thread has taken
+        it and come back for the next (`_drain`), everything else at once: the broker, not this process,
+        holds the backlog when folding falls behind."""
+        queued = False
         try:
             parsed = wire.parse_topic(topic)
             if parsed.kind == "up" and parsed.round == self.state.round:  # other rounds' bytes are never read
@@ -129,9 +134,13 @@ class AggregationServer:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)  # the topic names the sender: bind message to it
-                self.inbox.put(message)
+                self.inbox.put((message, ack))
+                queued = True
         except wire.WireError as err:
             log.warning("rejected a message on %s: %s", topic, err)
+        finally:
+            if not queued:
+                ack()
 
     # -- main thread ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -160,8 +169,11 @@ class AggregationServer:
         return 0
 
     def _drain(self, timeout: float) -> wire.Message | None:
+        if self._ack is not None:  # the caller is done with the previous message
+            self._ack()
+            self._ack = None
         try:
-            message = self.inbox.get(timeout=timeout)
+            message, self._ack = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
         if isinstance(message, wire.Hello):

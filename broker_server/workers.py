@@ -104,7 +104,8 @@ class AggregatorWorker:
             subscriptions=[(wire.worker_topic(federation, worker_id, "in"), wire.QOS_WORKER),
                            (wire.upload_subscription(federation, worker_id), wire.QOS_UPLOAD),
                            (wire.global_topic(federation), wire.QOS_GLOBAL)],  # the coordinator's roll call
-            on_message=self._receive, will=(self._out, offline, wire.QOS_WORKER, False), on_connect=self._announce)
+            on_message=self._receive, will=(self._out, offline, wire.QOS_WORKER, False), on_connect=self._announce,
+            manual_ack=True)  # backpressure: see AggregationServer._receive
 
     def _announce(self) -> None:
         self._send(wire.WorkerStatus(worker_id=self.worker_id, online=True))
@@ -113,7 +114,8 @@ class AggregatorWorker:
         self.connection.publish_chunks(self._out, wire.encode(message, chunk_size=self.chunk_size), wire.QOS_WORKER)
 
     # -- network thread: reassemble, bind to the topic, queue ---------------------------------------
-    def _receive(self, topic: str, payload: bytes) -> None:
+    def _receive(self, topic: str, payload: bytes, ack) -> None:
+        queued = False
         try:
             parsed = wire.parse_topic(topic)
             if parsed.kind == "up" and parsed.round is not None:
@@ -123,9 +125,13 @@ class AggregatorWorker:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
-                self.inbox.put(message)
+                self.inbox.put((message, ack))
+                queued = True
         except wire.WireError as err:
             log.warning("rejected a message on %s: %s", topic, err)
+        finally:
+            if not queued:
+                ack()
 
     # -- main thread -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -137,10 +143,11 @@ class AggregatorWorker:
         try:
             while not self._stop.is_set():
                 try:
-                    message = self.inbox.get(timeout=0.2)
+                    message, ack = self.inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 self.handle(message)
+                ack()  # only now may the broker send the next message beyond its in-flight window
         finally:
             self.connection.stop(final=(self._out, wire.encode(wire.WorkerStatus(worker_id=self.worker_id,
                                                                                   online=False))[0],

@@ -6,6 +6,13 @@ and full jitter (so a fleet that lost its broker does not reconnect in lockstep)
 lists with QoS 1 and waits for the broker's acknowledgements, and hands every received payload to
 a callback. It knows nothing about fftmoe messages: payloads are bytes, topics are strings built
 by `wire`. Both the device agent and the server use it.
+
+Backpressure (`manual_ack=True`, the aggregator's connections): the callback gets a third argument,
+`ack`, and the broker's QoS 1 delivery is acknowledged only when the consumer calls it (from any
+thread), once it has dealt with the payload. The broker sends at most its in-flight window of
+unacknowledged messages (mosquitto `max_inflight_messages`, 20 by default) and queues the rest on
+its side, so a consumer that falls behind holds a bounded backlog instead of an ever longer queue
+in memory. The network thread never blocks, so keepalives and the consumer's own publishes go on.
 """
 
 from __future__ import annotations
@@ -68,18 +75,20 @@ class MqttConnection:
 
     def __init__(self, config: BrokerConfig, client_id: str, subscriptions: list[tuple[str, int]],
                  on_message: Callable[[str, bytes], None], will: tuple[str, bytes, int, bool] | None = None,
-                 on_connect: Callable[[], None] | None = None, rng: random.Random | None = None):
+                 on_connect: Callable[[], None] | None = None, rng: random.Random | None = None,
+                 manual_ack: bool = False):
         self.config = config
         self._subscriptions = list(subscriptions)
         self._on_message = on_message
         self._on_connect_hook = on_connect
+        self._manual_ack = manual_ack
         self._rng = rng or random.Random()
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.connects = 0  # successful connections so far (tests and logs)
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
-                             protocol=paho.MQTTv311, reconnect_on_failure=False)
+                             protocol=paho.MQTTv311, reconnect_on_failure=False, manual_ack=manual_ack)
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if config.tls:
@@ -116,9 +125,25 @@ class MqttConnection:
 
     def _handle_message(self, client, userdata, message) -> None:
         try:
-            self._on_message(message.topic, bytes(message.payload))
+            if self._manual_ack:
+                self._on_message(message.topic, bytes(message.payload), self._acker(message))
+            else:
+                self._on_message(message.topic, bytes(message.payload))
         except Exception:  # a bad payload must never kill the network thread
             log.exception("error handling a message on %s", message.topic)
+
+    def _acker(self, message) -> Callable[[], None]:
+        """Acknowledge `message` once (QoS 0 needs none); a no-op after a reconnect, whose clean session
+        the broker started without it."""
+        if message.qos == 0:
+            return lambda: None
+        connects, done = self.connects, []
+
+        def ack() -> None:
+            if not done and self.connects == connects and self._connected.is_set():
+                done.append(True)
+                self._client.ack(message.mid, message.qos)
+        return ack
 
     # -- network thread ------------------------------------------------------------------------
     def start(self) -> None:
