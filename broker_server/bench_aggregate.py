@@ -1,7 +1,8 @@
 """`fftmoe bench aggregate`: streaming FFT-MoE merge throughput vs a memory copy, and peak RSS per N.
 
 For each client count N a fresh subprocess (`--one N`) folds N simulated updates into one
-`FftMoeStrategy` round and finishes it. Updates cycle through the tiers and are generated on the fly
+`FftMoeStrategy` round and finishes it, and repeats whole rounds until at least 100 MB were folded
+(10 clients: 11 rounds; a single 9 MB round lasts a few milliseconds, too short to time). Updates cycle through the tiers and are generated on the fly
 into per-tier buffers that are reused, so the generator's memory does not grow with N. Each update's
 arrays are also copied with `np.copyto` into same-size buffers, alternately before and after its fold,
 so the copy and the merge see the same bytes in the same cache state. Reported: merge GB/s (update
@@ -38,6 +39,7 @@ DEFAULT_CLIENTS = (10, 100, 1000)
 BUILTIN = {"hidden": 384, "rank": 16, "experts": 8, "layers": 6, "classes": 5}
 BUILTIN_TIERS = (("nano", 2, 2), ("small", 4, 2), ("medium", 4, 4), ("large", 8, 6))  # name, slots, layers
 MERGE_TARGET = 0.5  # merge at least half the memcpy rate
+MIN_TIMED_BYTES = 100e6  # fold at least this much per client count (whole rounds): see run_one
 
 
 def builtin_space(hidden: int, rank: int, experts: int, layers: int, classes: int) -> ParamSpace:
@@ -170,19 +172,32 @@ def run_one(clients: int, artifacts: Path | None, weighting: str, seed: int, exa
         if problems:
             raise RuntimeError(f"simulated update {i} is invalid: {problems}")
 
-    fold_s, copy_s, validate_s, nbytes = _alternate(stream, copies, clients, strategy.fold, validate)
-    t0 = time.perf_counter()
-    _, stats = strategy.finish()
-    finish_s = time.perf_counter() - t0
-    assert stats.clients == clients and stats.bytes_folded == nbytes
-    # the same updates again through the floor, with the same copies and validation around it
-    floor_s, floor_copy_s, _, floor_bytes = _alternate(stream, copies, clients, floor.fold, validate)
+    # a round of few clients is too short to time once (10 default updates: ~9 MB, a few ms): repeat
+    # whole rounds until MIN_TIMED_BYTES were folded, as a server does round after round
+    per_update = sum(sum(a.nbytes for a in bufs.values()) for bufs in stream.buffers) / len(stream.buffers)
+    rounds = max(1, math.ceil(MIN_TIMED_BYTES / (per_update * clients)))
+    fold_s = copy_s = validate_s = finish_s = floor_s = floor_copy_s = 0.0
+    nbytes = floor_bytes = 0
+    for r in range(rounds):
+        if r:
+            strategy.begin_round(global_arrays)
+        times = _alternate(stream, copies, clients, strategy.fold, validate)
+        t0 = time.perf_counter()
+        _, stats = strategy.finish()
+        finish_s += time.perf_counter() - t0
+        assert stats.clients == clients and stats.bytes_folded == times[3]
+        # the same updates again through the floor, with the same copies and validation around it
+        floor_times = _alternate(stream, copies, clients, floor.fold, validate)
+        fold_s, copy_s, validate_s, nbytes = (a + b for a, b in zip((fold_s, copy_s, validate_s, nbytes), times))
+        floor_s, floor_copy_s, floor_bytes = floor_s + floor_times[0], floor_copy_s + floor_times[1], \
+            floor_bytes + floor_times[3]
+    finish_s /= rounds
     merge, memcpy = nbytes / fold_s / 1e9, nbytes / copy_s / 1e9
     floor_ratio = (floor_bytes / floor_s) / (floor_bytes / floor_copy_s)
     return {"clients": clients, "merge_gbps": round(merge, 3), "memcpy_gbps": round(memcpy, 3),
             "ratio": round(merge / memcpy, 4), "floor_gbps": round(floor_bytes / floor_s / 1e9, 3),
             "floor_memcpy_gbps": round(floor_bytes / floor_copy_s / 1e9, 3), "floor_ratio": round(floor_ratio, 4),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rounds": rounds,
             "rss_after_setup_mb": round(base_rss, 1), "mb_folded": round(nbytes / 1e6, 2),
             "fold_s": round(fold_s, 4), "validate_gbps": round(nbytes / validate_s / 1e9, 3),
             "finish_ms": round(1000 * finish_s, 2), "weighting": weighting, "exact": exact}
