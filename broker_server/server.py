@@ -26,6 +26,7 @@ from broker_server.aggregation import AggregationConfig, UpdateRejected
 from broker_server import audit
 from broker_server.config import ServerConfig
 from broker_server.methods import make_method
+from broker_server.receiver import UploadReceiver
 from broker_server.state import ServerState, StateStore
 from edge_runtime import wire
 from edge_runtime.manifest import Manifest
@@ -82,17 +83,15 @@ class AggregationServer:
         self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}
-        self.inbox: queue.Queue = queue.Queue()
-        self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
-        self._bytes_in: dict[tuple[str, int | None], int] = {}
-        self._lock = threading.Lock()
+        self.receiver = UploadReceiver(lambda: self.state.round)  # the MQTT network thread's part
+        self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self._folded = 0  # updates folded in the current round: their order in the audit log
         self._rng = random.Random(config.seed)
         fed = config.federation
         self._ack = None  # acknowledges the message the main thread took last (MqttConnection backpressure)
         self.connection = MqttConnection(broker, client_id=f"fftmoe-server-{fed}", subscriptions=self._subscriptions(),
-                                         on_message=self._receive, on_connect=self._roll_call, manual_ack=True)
+                                         on_message=self.receiver, on_connect=self._roll_call, manual_ack=True)
 
     def _subscriptions(self) -> list[tuple[str, int]]:
         fed = self.config.federation
@@ -118,29 +117,6 @@ class AggregationServer:
         self.method.load_state(state.optimizer, state.usage)
         log.info("resuming at round %d from %s", state.round, self.store.folder)
         return state
-
-    # -- network thread ------------------------------------------------------------------------
-    def _receive(self, topic: str, payload: bytes, ack) -> None:
-        """Reassemble and queue; a message is acknowledged to the broker once the main thread has taken
-        it and come back for the next (`_drain`), everything else at once: the broker, not this process,
-        holds the backlog when folding falls behind."""
-        queued = False
-        try:
-            parsed = wire.parse_topic(topic)
-            if parsed.kind == "up" and parsed.round == self.state.round:  # other rounds' bytes are never read
-                key = (parsed.device_id, parsed.round)
-                with self._lock:
-                    self._bytes_in[key] = self._bytes_in.get(key, 0) + len(payload)
-            message = self._reassembler.add(payload, source=topic)
-            if message is not None:
-                wire.check_origin(message, topic)  # the topic names the sender: bind message to it
-                self.inbox.put((message, ack))
-                queued = True
-        except wire.WireError as err:
-            log.warning("rejected a message on %s: %s", topic, err)
-        finally:
-            if not queued:
-                ack()
 
     # -- main thread ---------------------------------------------------------------------------
     def stop(self) -> None:
@@ -243,8 +219,7 @@ class AggregationServer:
         self._folded = 0
         if self.config.audit_log:
             audit.start_round(self.store.folder, round_)
-        with self._lock:  # counters of devices that never answered an earlier round: bounded, not leaked
-            self._bytes_in = {k: v for k, v in self._bytes_in.items() if k[1] == round_}
+        self.receiver.keep_round(round_)
         open_tasks: dict[str, OpenTask] = {}
         for device_id in participants:
             task, slot_map = self._task(round_, self.devices[device_id])
@@ -311,8 +286,7 @@ class AggregationServer:
         tier = self.manifest.tiers.get(message.tier)
         update = self.method.to_update(message, task.slot_map, tier) if tier else None
         problems = self.method.problems(update, tier) if tier else [f"unknown tier {message.tier!r}"]
-        with self._lock:
-            size = self._bytes_in.pop((message.device_id, round_), 0)
+        size = self.receiver.take_bytes(message.device_id, round_)
         if size > self.config.max_update_bytes:
             problems.append(f"update of {size} bytes exceeds the limit of {self.config.max_update_bytes}")
         if problems:

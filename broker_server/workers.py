@@ -32,6 +32,7 @@ import numpy as np
 
 from broker_server.aggregation import AggregationConfig, UpdateRejected
 from broker_server.methods import make_method
+from broker_server.receiver import UploadReceiver
 from edge_runtime import wire
 from edge_runtime.manifest import Manifest
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
@@ -90,10 +91,8 @@ class AggregatorWorker:
                  chunk_size: int = 256 * 1024):
         self.worker_id, self.federation, self.manifest = wire.validate_id(worker_id, "worker id"), federation, manifest
         self.chunk_size = chunk_size
-        self.inbox: queue.Queue = queue.Queue()
-        self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
-        self._bytes_in: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
+        self.receiver = UploadReceiver(lambda: self._round.round if self._round is not None else None)
+        self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self._round: _Round | None = None
         self._last_partial: tuple[tuple[int, str], list[bytes]] | None = None
@@ -104,7 +103,7 @@ class AggregatorWorker:
             subscriptions=[(wire.worker_topic(federation, worker_id, "in"), wire.QOS_WORKER),
                            (wire.upload_subscription(federation, worker_id), wire.QOS_UPLOAD),
                            (wire.global_topic(federation), wire.QOS_GLOBAL)],  # the coordinator's roll call
-            on_message=self._receive, will=(self._out, offline, wire.QOS_WORKER, False), on_connect=self._announce,
+            on_message=self.receiver, will=(self._out, offline, wire.QOS_WORKER, False), on_connect=self._announce,
             manual_ack=True)  # backpressure: see AggregationServer._receive
 
     def _announce(self) -> None:
@@ -112,26 +111,6 @@ class AggregatorWorker:
 
     def _send(self, message) -> None:
         self.connection.publish_chunks(self._out, wire.encode(message, chunk_size=self.chunk_size), wire.QOS_WORKER)
-
-    # -- network thread: reassemble, bind to the topic, queue ---------------------------------------
-    def _receive(self, topic: str, payload: bytes, ack) -> None:
-        queued = False
-        try:
-            parsed = wire.parse_topic(topic)
-            if parsed.kind == "up" and parsed.round is not None:
-                key = (parsed.device_id, parsed.round)
-                with self._lock:
-                    self._bytes_in[key] = self._bytes_in.get(key, 0) + len(payload)
-            message = self._reassembler.add(payload, source=topic)
-            if message is not None:
-                wire.check_origin(message, topic)
-                self.inbox.put((message, ack))
-                queued = True
-        except wire.WireError as err:
-            log.warning("rejected a message on %s: %s", topic, err)
-        finally:
-            if not queued:
-                ack()
 
     # -- main thread -------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -180,8 +159,7 @@ class AggregatorWorker:
             log.error("round %d: cannot start: %s", plan.round, err)
             self._round = None
             return
-        with self._lock:
-            self._bytes_in = {k: v for k, v in self._bytes_in.items() if k[1] == plan.round}
+        self.receiver.keep_round(plan.round)
         log.info("round %d: aggregating %d devices", plan.round, len(plan.tiers))
 
     def _answer(self, message) -> None:
@@ -193,8 +171,7 @@ class AggregatorWorker:
         if message.device_id in r.answered:
             return  # a duplicate (QoS 1 redelivery, or the answer to a repeated task)
         r.answered.add(message.device_id)
-        with self._lock:
-            size = self._bytes_in.pop((message.device_id, message.round), 0)
+        size = self.receiver.take_bytes(message.device_id, message.round)
         receipt = dict(worker_id=self.worker_id, device_id=message.device_id, round=r.round, session=r.session,
                        bytes_in=size)
         if isinstance(message, wire.ErrorReply):

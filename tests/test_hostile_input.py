@@ -1,7 +1,7 @@
 """Hostile and broken input at the server's and the device's receive paths (issue 7).
 
 No broker: the AggregationServer / DeviceAgent are built with a BrokerConfig on an unused port;
-their MqttConnection is never started. `_receive` is called as the MQTT thread would, and rounds
+their MqttConnection is never started. `receiver` is called as the MQTT thread would, and rounds
 are driven as `_collect` does: `strategy.begin_round`, `_answer` per message, `strategy.finish`.
 """
 
@@ -85,7 +85,9 @@ def open_round(server, round_=ROUND, devices=(DEV,)):
 def drain(server) -> list:
     out = []
     while not server.inbox.empty():
-        out.append(server.inbox.get_nowait())
+        message, ack = server.inbox.get_nowait()
+        ack()
+        out.append(message)
     return out
 
 
@@ -167,12 +169,12 @@ def test_fuzz_server_receive_then_clean_fold(manifest, tmp_path, clean_global):
     def run(deliveries):
         for topic, payload in deliveries:
             _counted["server"] += 1
-            server._receive(topic, payload)  # must not raise
+            server.receiver(topic, payload, lambda: None)  # must not raise
         landed = drain(server)
         for message in landed:  # only valid messages, identical to one that was sent (sha256-protected body)
             assert any(type(message) is type(o) and message == o for o in originals), message
         # then the valid update arrives; fold everything as _collect would
-        server._receive(wire.upload_topic(FED, DEV, ROUND), wire.encode(make_update(server))[0])
+        server.receiver(wire.upload_topic(FED, DEV, ROUND), wire.encode(make_update(server))[0], lambda: None)
         tasks, outcome = open_round(server)
         for message in landed + drain(server):
             if isinstance(message, (wire.Update, wire.ErrorReply)):
@@ -192,9 +194,11 @@ def test_fuzz_server_receive_then_clean_fold(manifest, tmp_path, clean_global):
 def test_upload_byte_counters_stay_bounded(manifest, tmp_path):
     """Garbage on upload topics of many rounds must not grow the per-(device, round) byte counters forever."""
     server = make_server(manifest, tmp_path / "state")
+    acks = []
     for round_ in range(5000):
-        server._receive(wire.upload_topic(FED, DEV, round_), b"garbage")
-    assert len(server._bytes_in) <= 1, f"{len(server._bytes_in)} byte counters kept for rounds never answered"
+        server.receiver(wire.upload_topic(FED, DEV, round_), b"garbage", lambda: acks.append(1))
+    assert server.receiver.counters <= 1, f"{server.receiver.counters} byte counters kept for rounds never answered"
+    assert len(acks) == 5000  # refused payloads are acknowledged at once: the broker's window never clogs
 
 
 # -- 1. fuzz: device receive path ------------------------------------------------------------------
@@ -239,7 +243,7 @@ def test_replayed_update_of_previous_round_is_not_folded(manifest, tmp_path, cap
     server = make_server(manifest, tmp_path / "state")
     old = make_update(server, round_=ROUND)
     tasks, outcome = open_round(server, round_=ROUND + 1)
-    server._receive(wire.upload_topic(FED, DEV, ROUND), wire.encode(old)[0])
+    server.receiver(wire.upload_topic(FED, DEV, ROUND), wire.encode(old)[0], lambda: None)
     (replayed,) = drain(server)
     with caplog.at_level(logging.INFO, logger="fftmoe.server"):
         server._answer(ROUND + 1, replayed, tasks, outcome)
@@ -254,7 +258,7 @@ def test_update_in_another_devices_name_is_rejected(manifest, tmp_path, caplog):
     impostor = make_update(server, device="dev-2")
     with caplog.at_level(logging.WARNING, logger="fftmoe.server"):
         for chunk in wire.encode(impostor):
-            server._receive(wire.upload_topic(FED, DEV, ROUND), chunk)  # dev-1's topic, dev-2's payload
+            server.receiver(wire.upload_topic(FED, DEV, ROUND), chunk, lambda: None)  # dev-1's topic, dev-2's payload
     assert server.inbox.empty()
     assert "message of device 'dev-2' on the topic of 'dev-1'" in caplog.text
     with pytest.raises(wire.MalformedMessage):
