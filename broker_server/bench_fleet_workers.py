@@ -49,8 +49,13 @@ def bench_manifest(artifacts):
 
 def run_shard_worker(args) -> int:
     """A real aggregator worker named bw{index}, until STOP on stdin; then its peak RSS and CPU."""
+    import logging
+
     from broker_server.bench_fleet import FEDERATION, _broker_config, _emit
     from broker_server.workers import AggregatorWorker
+
+    logging.basicConfig(level=os.environ.get("FFTMOE_BENCH_LOG", "WARNING"), stream=sys.stderr,
+                        format=f"%(asctime)s bw{args.index} %(levelname)s %(name)s: %(message)s")
 
     worker = AggregatorWorker(lane(args.index, args.workers), FEDERATION, bench_manifest(args.artifacts),
                               _broker_config(args.broker))
@@ -64,7 +69,8 @@ def run_shard_worker(args) -> int:
 
     threading.Thread(target=control, daemon=True).start()
     worker.run()
-    _emit({"peak_rss_mb": round(peak_rss_mb(), 1), "cpu_s": round(time.process_time(), 3)})
+    _emit({"peak_rss_mb": round(peak_rss_mb(), 1), "cpu_s": round(time.process_time(), 3),
+           "peak_inbox": worker.peak_inbox})
     return 0
 
 
@@ -206,5 +212,6 @@ def measure_sharded(args, clients: int) -> list[dict]:
                         "coordinator_peak_rss_mb": max(r[1]["peak_rss_mb"] for r in runs),
                         "round_close_s": round(coord["closed_at"] - t0, 3), "merge_ms": coord["merge_ms"],
                         "worker_cpu_s": [x["cpu_s"] for x in min(runs, key=lambda r: r[0])[2]],
+                        "worker_peak_inbox": max(x["peak_inbox"] for r in runs for x in r[2]),
                         "all_updates_per_s": [round(clients / r[0], 1) for r in runs]})
     return records

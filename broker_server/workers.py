@@ -94,8 +94,10 @@ class AggregatorWorker:
         self.receiver = UploadReceiver(lambda: self._round.round if self._round is not None else None)
         self.inbox = self.receiver.inbox
         self._stop = threading.Event()
+        self.peak_inbox = 0  # the deepest backlog of received, not yet handled messages (benchmarks)
         self._round: _Round | None = None
         self._last_partial: tuple[tuple[int, str], list[bytes]] | None = None
+        self._receipts: dict[str, wire.WorkerReceipt] = {}  # this round's, by device (re-sent on duplicates)
         self._out = wire.worker_topic(federation, worker_id, "out")
         offline = wire.encode(wire.WorkerStatus(worker_id=worker_id, online=False))[0]
         self.connection = MqttConnection(
@@ -112,6 +114,13 @@ class AggregatorWorker:
     def _send(self, message) -> None:
         self.connection.publish_chunks(self._out, wire.encode(message, chunk_size=self.chunk_size), wire.QOS_WORKER)
 
+    def _send_receipt(self, receipt: wire.WorkerReceipt) -> None:
+        """Receipts go out without waiting for the broker's acknowledgement (a round trip per update
+        halved a worker's rate); one lost on a reconnect is sent again when the device's repeated
+        upload arrives (`_answer`), so each is also kept until the round ends."""
+        self._receipts[receipt.device_id] = receipt
+        self.connection.publish_nowait(self._out, wire.encode(receipt, chunk_size=self.chunk_size), wire.QOS_WORKER)
+
     # -- main thread -------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
@@ -121,6 +130,7 @@ class AggregatorWorker:
         log.info("worker %s: aggregating for federation %s", self.worker_id, self.federation)
         try:
             while not self._stop.is_set():
+                self.peak_inbox = max(self.peak_inbox, self.inbox.qsize())
                 try:
                     message, ack = self.inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -153,6 +163,7 @@ class AggregatorWorker:
             log.warning("round %d: a plan that adds devices to session %s, which this worker never started; "
                         "ignored", plan.round, plan.session)
             return
+        self._receipts = {}
         try:
             self._round = _Round(plan, self.manifest)
         except (ValueError, KeyError) as err:  # arrays that do not fit this export: the wrong --artifacts
@@ -168,14 +179,16 @@ class AggregatorWorker:
             log.info("dropped a late or unassigned %s from %s for round %s", message.kind, message.device_id,
                      message.round)
             return
-        if message.device_id in r.answered:
-            return  # a duplicate (QoS 1 redelivery, or the answer to a repeated task)
+        if message.device_id in r.answered:  # a duplicate (QoS 1 redelivery, or the answer to a repeated task)
+            if message.device_id in self._receipts:  # its receipt may be what got lost: send it again
+                self._send_receipt(self._receipts[message.device_id])
+            return
         r.answered.add(message.device_id)
         size = self.receiver.take_bytes(message.device_id, message.round)
         receipt = dict(worker_id=self.worker_id, device_id=message.device_id, round=r.round, session=r.session,
                        bytes_in=size)
         if isinstance(message, wire.ErrorReply):
-            self._send(wire.WorkerReceipt(**receipt, ok=False, reason=f"{message.code.name}: {message.message}"))
+            self._send_receipt(wire.WorkerReceipt(**receipt, ok=False, reason=f"{message.code.name}: {message.message}"))
             return
         tier = self.manifest.tiers.get(message.tier)
         slot_map = r.slot_maps[message.device_id]
@@ -190,11 +203,11 @@ class AggregatorWorker:
                 problems.append(str(err))
         if problems:
             log.warning("round %d: rejected the update of %s: %s", r.round, message.device_id, "; ".join(problems))
-            self._send(wire.WorkerReceipt(**receipt, ok=False, reason="; ".join(problems)))
+            self._send_receipt(wire.WorkerReceipt(**receipt, ok=False, reason="; ".join(problems)))
             return
         r.folded.append(message.device_id)
-        self._send(wire.WorkerReceipt(**receipt, ok=True, expert_tokens=dict(message.expert_tokens),
-                                      metrics=dict(message.metrics)))
+        self._send_receipt(wire.WorkerReceipt(**receipt, ok=True, expert_tokens=dict(message.expert_tokens),
+                                              metrics=dict(message.metrics)))
 
     def _close(self, close: wire.WorkerClose) -> None:
         r = self._round
