@@ -101,3 +101,62 @@ def test_pool_balances_and_a_lost_worker_gives_back_its_devices():
     assert pool.live() == ["wb", "wc"] and pool.lose("wa", "again") == []
     pool.begin("s2")
     assert pool.live() == ["wa", "wb", "wc"]
+
+
+# -- an AggregatorWorker's decisions, driven message by message (no broker: sends are captured) ------
+def _worker(manifest):
+    from broker_server.workers import AggregatorWorker
+    from edge_runtime.mqtt import BrokerConfig
+
+    worker = AggregatorWorker("wa", "fed", manifest, BrokerConfig(port=1))
+    sent = []
+    worker._send_receipt = lambda r: (worker._receipts.__setitem__(r.device_id, r), sent.append(r))
+    worker.connection.publish_chunks = lambda topic, chunks, qos=1: sent.append(wire.decode_single(chunks[0])
+                                                                                 if len(chunks) == 1 else chunks)
+    return worker, sent
+
+
+def _tiny_update(manifest, device, round_=0, seed=0, samples=8):
+    tier = manifest.tier("small")
+    rng = np.random.default_rng(seed)
+    params = {p.name: rng.standard_normal(p.shape).astype(np.float32) * 0.1 for p in tier.params}
+    tokens = {str(layer): [5] * tier.experts_held for layer in tier.adapted_layers}
+    return wire.Update(device_id=device, round=round_, tier="small", params=params, expert_tokens=tokens,
+                       num_samples=samples)
+
+
+def test_worker_folds_each_assigned_device_once_and_closes_with_its_partial(tiny_export):
+    worker, sent = _worker(tiny_export)
+    tier = tiny_export.tier("small")
+    slots = {str(layer): list(range(tier.experts_held)) for layer in tier.adapted_layers}
+    with np.load(tiny_export.root / tiny_export.global_init.path) as data:
+        arrays = {k: data[k] for k in data.files}
+    plan = dict(worker_id="wa", round=0, session="s1", tiers={"d1": "small", "d2": "small"},
+                slot_maps={"d1": slots, "d2": slots}, settings=plan_settings(AggregationConfig(), None, 1 << 26))
+    worker.handle(wire.WorkerPlan(**plan, params=arrays))
+    worker.handle(_tiny_update(tiny_export, "d1"))
+    worker.handle(_tiny_update(tiny_export, "d1"))  # a duplicate: folded once, its receipt sent again
+    worker.handle(_tiny_update(tiny_export, "stranger"))  # not assigned here: dropped without a receipt
+    worker.handle(wire.ErrorReply(device_id="d2", round=0, code=wire.ErrorCode.OUT_OF_MEMORY, message="oom"))
+    receipts = [m for m in sent if isinstance(m, wire.WorkerReceipt)]
+    assert [(r.device_id, r.ok) for r in receipts] == [("d1", True), ("d1", True), ("d2", False)]
+    assert receipts[2].reason == "OUT_OF_MEMORY: oom"
+    worker.handle(wire.WorkerClose(worker_id="wa", round=0, session="s1"))
+    partial = sent[-1]
+    assert isinstance(partial, wire.WorkerPartial) and partial.devices == ["d1"] and partial.samples == 8
+    assert all(a.dtype == np.int64 for a in partial.params.values())
+    worker.handle(_tiny_update(tiny_export, "d2", seed=1))  # after the close: too late
+    worker.handle(wire.WorkerClose(worker_id="wa", round=0, session="s1"))  # a repeated close: the same partial
+    assert sent[-1] == partial and not any(isinstance(m, wire.WorkerReceipt) and m.device_id == "d2" and m.ok
+                                           for m in sent)
+    # a plan of the same session adds a device and reopens; the next partial is cumulative
+    worker.handle(wire.WorkerPlan(**{**plan, "tiers": {"d3": "small"}, "slot_maps": {"d3": slots}}))
+    worker.handle(_tiny_update(tiny_export, "d3", seed=2, samples=5))
+    worker.handle(wire.WorkerClose(worker_id="wa", round=0, session="s1"))
+    assert sent[-1].devices == ["d1", "d3"] and sent[-1].samples == 13
+    # a new session starts from zero; a close for a session never started answers with nothing
+    worker.handle(wire.WorkerPlan(**{**plan, "session": "s2"}, params=arrays))
+    worker.handle(wire.WorkerClose(worker_id="wa", round=0, session="s2"))
+    assert sent[-1].devices == [] and sent[-1].samples == 0
+    worker.handle(wire.WorkerClose(worker_id="wa", round=7, session="other"))
+    assert sent[-1].devices == [] and sent[-1].round == 7
