@@ -227,6 +227,9 @@ class CoordinatorServer(AggregationServer):
                     self._send_task(device_id)
             if isinstance(message, wire.WorkerReceipt):
                 self._receipt(message)
+            elif isinstance(message, wire.Update):  # on the server's own topic, not its worker's lane
+                log.warning("round %d: %s uploaded to the coordinator, not to its worker's lane: a device "
+                            "older than wire 1.1? Its update is not counted", self._round, message.device_id)
             elif isinstance(message, wire.Presence) and not message.online:
                 task = self._open.get(message.device_id)
                 if task is not None and not task.answered:
