@@ -288,7 +288,12 @@ class CoordinatorServer(AggregationServer):
             counted |= set(partial.devices)
         for device_id, task in self._open.items():
             receipt = pool.receipts.get(device_id)
-            if device_id in counted and receipt is not None and receipt.ok:
+            if device_id in counted:  # in the sums: counted, whatever became of its receipt
+                if receipt is None or not receipt.ok:  # a receipt lost on a worker's reconnect
+                    log.warning("round %d: %s is in a worker's partial sums but its receipt never came; "
+                                "counted without its metrics", self._round, device_id)
+                    self._count(outcome, device_id, 0, {}, None)
+                    continue
                 tokens = {int(k): np.asarray(v, dtype=np.float64) for k, v in receipt.expert_tokens.items()}
                 self._count(outcome, device_id, receipt.bytes_in, receipt.metrics,
                             tokens_by_global_expert(task.slot_map, tokens, self.space.experts))
