@@ -42,15 +42,20 @@ def _wait_for_line(path, text: str, timeout: float = 60.0) -> None:
 
 
 def _federation(manifest, tmp, url, name, serve_flags, workers=(), delays=None, kill=None):
-    """Run two rounds; returns (global arrays, metrics records, server log text)."""
+    """Run two rounds; returns (global arrays, metrics records, server log text). `kill`: a worker to
+    SIGKILL once it aggregates round 0, or "coordinator" to SIGKILL the server then and restart it."""
     state, log = tmp / f"{name}-state", tmp / f"{name}-server.log"
-    server = start_server(manifest, state, log, broker=url,
-                          extra=["--federation", name, "--rounds", "2", "--min-devices", "4", "--min-updates", "4",
-                                 *serve_flags])
+    flags = ["--federation", name, "--rounds", "2", "--min-devices", "4", "--min-updates", "4", *serve_flags]
+    server = start_server(manifest, state, log, broker=url, extra=flags)
     procs = [_worker(manifest, url, name, w, tmp / f"{name}-{w}.log") for w in workers]
     devices = start_fake_fleet(url, name, TIERS, delays)
     try:
-        if kill is not None:  # SIGKILL a worker once it is aggregating round 0 (its devices are still "training")
+        if kill == "coordinator":  # mid-round: the devices are still "training", workers hold nothing yet
+            _wait_for_line(log, "round 0: 4 participants over 2 workers")
+            server.kill()
+            server.wait()
+            server = start_server(manifest, state, log, broker=url, extra=flags)
+        elif kill is not None:  # SIGKILL a worker once it is aggregating round 0 (its devices are still "training")
             _wait_for_line(tmp / f"{name}-{kill}.log", "round 0: aggregating")
             procs[list(workers).index(kill)].kill()
         records = wait_for_rounds(state, 2, timeout=120, server=server)
@@ -94,6 +99,16 @@ def test_a_worker_killed_mid_round_loses_nothing(tiny_export, tmp_path, mosquitt
     assert "aggregator worker wa went offline; handing its 2 devices to another worker" in log
     assert [r["updates"] for r in records] == [4, 4] and not records[0]["failed"]
     assert all(single[k].tobytes() == sharded[k].tobytes() for k in single)
+
+
+def test_a_coordinator_killed_mid_round_resumes_without_double_counting(tiny_export, tmp_path, mosquitto):
+    single, _, _ = _federation(tiny_export, tmp_path, mosquitto.url, "ref2", ["--exact"])
+    delays = [1.5] * len(TIERS)
+    sharded, records, log = _federation(tiny_export, tmp_path, mosquitto.url, "restart", ["--workers", "2"],
+                                        workers=["wa", "wb"], delays=delays, kill="coordinator")
+    assert log.count("round 0: 4 participants over 2 workers") == 2  # round 0 ran again, in a new session
+    assert [r["round"] for r in records] == [0, 1] and [r["updates"] for r in records] == [4, 4]
+    assert all(single[k].tobytes() == sharded[k].tobytes() for k in single)  # each update counted once
 
 
 def test_bad_sharding_flags_fail_with_a_clear_message(tiny_export, tmp_path):
