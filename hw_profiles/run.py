@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-averaged-router", action="store_true",
                    help="with --personalise-router: the server still averages the devices' router rows into the "
                         "global model it evaluates and serves (devices keep using their own)")
+    p.add_argument("--server-optimizer", choices=("fedavg", "fedadam"), default="fedavg",
+                   help="FFT-MoE: server optimiser on the round's pseudo-gradient (default fedavg)")
+    p.add_argument("--server-lr", type=float, default=1e-2, help="FedAdam's eta (default 1e-2)")
     p.add_argument("--router-lr", type=float, default=1.0,
                    help="FFT-MoE: server step on the router rows, 1 averages them (default), 0 keeps the global "
                         "gate where it is while devices still adapt theirs within a round")
@@ -119,11 +122,21 @@ def _export_adapters(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
+                         (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
+                         (args.router_lr != 1 and args.server_optimizer != "fedavg",
+                          "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
+                          "fedadam")):
+        if bad:
+            print(f"fftmoe run: error: {message}", file=sys.stderr)
+            return 2
     if args.serve_averaged_router and not args.personalise_router:
         print("fftmoe run: error: --serve-averaged-router goes with --personalise-router", file=sys.stderr)
         return 2
-    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router or args.router_lr != 1):
-        print("fftmoe run: error: --weighting, --personalise-router and --router-lr are FFT-MoE options; the LoRA baselines "
+    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router or args.router_lr != 1
+                                     or args.server_optimizer != "fedavg"):
+        print("fftmoe run: error: --weighting, --personalise-router, --router-lr and --server-optimizer are FFT-MoE "
+              "options; the LoRA baselines "
               "run sample-weighted FedAvg as published", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
@@ -203,7 +216,7 @@ def _run(args, fleet) -> int:
                               lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
                               personalise_router=args.personalise_router and not args.serve_averaged_router,
-                              router_lr=args.router_lr)
+                              router_lr=args.router_lr, optimizer=args.server_optimizer, server_lr=args.server_lr)
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate
