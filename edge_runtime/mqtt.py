@@ -115,7 +115,8 @@ class MqttConnection:
         if sock is not None and hasattr(sock, "setsockopt"):
             # paho leaves Nagle on. A small packet (a PUBACK, an aggregator worker's receipt) then waits
             # for the ACK of the previous small one, which the broker's kernel delays by up to 40 ms: a
-            # worker publishing a receipt per update measured 23 updates/s with Nagle, 739 without (`fftmoe bench fleet`).
+            # worker publishing a receipt per update measured 23 updates/s with Nagle, 739 without
+            # (`fftmoe bench fleet --workers 1`).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for topic, qos in self._subscriptions:
             client.subscribe(topic, qos)
