@@ -81,8 +81,8 @@ class ServerConfig:
             (self.workers >= 0 and self.close_timeout_s > 0, "workers must be >= 0 and close_timeout_s > 0"),
             (not (self.workers and self.audit_log), "audit_log needs the updates in this process; with workers "
              "they are folded elsewhere"),
-            (self.method == "fft-moe" or not (self.exact or self.workers or self.audit_log or self.personalise_router or self.clip_multiplier
-                                               or self.router_lr != 1
+            (self.method == "fft-moe" or not (self.exact or self.workers or self.audit_log or self.personalise_router
+                                               or self.clip_multiplier or self.router_lr != 1
                                                or self.optimizer != "fedavg" or self.weighting != "samples"),
              "exact, workers, audit_log, personalise_router, router_lr, clip_multiplier, optimizer and weighting are "
              "FFT-MoE options; the LoRA "

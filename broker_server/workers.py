@@ -188,7 +188,8 @@ class AggregatorWorker:
         receipt = dict(worker_id=self.worker_id, device_id=message.device_id, round=r.round, session=r.session,
                        bytes_in=size)
         if isinstance(message, wire.ErrorReply):
-            self._send_receipt(wire.WorkerReceipt(**receipt, ok=False, reason=f"{message.code.name}: {message.message}"))
+            reason = f"{message.code.name}: {message.message}"
+            self._send_receipt(wire.WorkerReceipt(**receipt, ok=False, reason=reason))
             return
         tier = self.manifest.tiers.get(message.tier)
         slot_map = r.slot_maps[message.device_id]
