@@ -89,6 +89,12 @@ def slot_runs(slots: Sequence[int]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def checked_runs(slots: Sequence[int], experts: int) -> tuple[Run, ...] | None:
+    """`slot_runs(slots)`, or None when the map is empty or a slot is not a global expert index."""
+    ok = bool(slots) and all(isinstance(g, (int, np.integer)) and 0 <= g < experts for g in slots)
+    return slot_runs(slots) if ok else None
+
+
 def _rows(g0: int, count: int, step: int) -> slice:
     end = g0 + step * count
     return slice(g0, end if end >= 0 else None, step)
@@ -144,8 +150,7 @@ class SlotSums:
         if runs is False:
             if len(self._cache) >= _CACHE_MAX:  # all cheap to rebuild
                 self._cache.clear()
-            ok = bool(key[1]) and all(isinstance(g, (int, np.integer)) and 0 <= g < self.experts for g in key[1])
-            runs = self._cache[key] = slot_runs(key[1]) if ok else None
+            runs = self._cache[key] = checked_runs(key[1], self.experts)
         return runs
 
     def layer_shapes(self, layer: int, m_t: int) -> list[tuple[int, ...]]:

@@ -2,10 +2,10 @@
 
 For each client count N, `--repeats` rounds (default 3) of two alternating passes against one broker:
   aggregate   a subscriber process does what the aggregation server does with every upload: the
-              network thread reassembles chunks (`wire.Reassembler`, the server's limits), binds the
-              message to its topic (`wire.check_origin`) and queues it; the main thread turns it into
-              a `ClientUpdate` (as `MoeMethod.to_update`), checks it with `validate_update` against the
-              tier's shapes and folds it into an `FftMoeStrategy`; after the N-th it runs `finish()`.
+              network thread runs the server's `UploadReceiver` (reassembly with the server's limits,
+              binding to the topic, queueing); the main thread turns each message into a `ClientUpdate`
+              (as `MoeMethod.to_update`), checks it with `validate_update` against the tier's shapes,
+              folds it into an `FftMoeStrategy` and acknowledges it; after the N-th it runs `finish()`.
   broker-only the same publishers against a subscriber that only counts payloads and bytes (no
               decode, no fold): the broker's own rate on this host, for comparison.
 Reported per N: updates/s and MB/s of MQTT payload (N, resp. bytes, over the time from the round's
@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy
+from broker_server.receiver import UploadReceiver
 from broker_server.update_checks import validate_update
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
 from broker_server.embedded_broker import loopback_broker, mosquitto_binary
@@ -195,27 +196,15 @@ def run_aggregator(args) -> int:
     global_arrays = {p.name: (rng.standard_normal(p.shape) * 0.02).astype(np.float32) for p in space.entries}
     strategy = FftMoeStrategy(space, AggregationConfig())
     strategy.begin_round(global_arrays)
-    reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)  # the server's
-    inbox: queue.Queue = queue.Queue()
-    state = {"payloads": 0, "bytes": 0, "first_rx": None, "wire_rejected": 0}
+    receiver = UploadReceiver(lambda: ROUND)  # the server's network-thread path, acks included
+    inbox = receiver.inbox
+    state = {"payloads": 0, "bytes": 0, "first_rx": None}
 
-    def receive(topic: str, payload: bytes, ack) -> None:  # network thread, as AggregationServer._receive
-        queued = False
+    def receive(topic: str, payload: bytes, ack) -> None:
         state["first_rx"] = state["first_rx"] or time.monotonic()
         state["payloads"] += 1
         state["bytes"] += len(payload)
-        try:
-            wire.parse_topic(topic)
-            message = reassembler.add(payload, source=topic)
-            if message is not None:
-                wire.check_origin(message, topic)
-                inbox.put((message, ack))
-                queued = True
-        except wire.WireError:
-            state["wire_rejected"] += 1
-        finally:
-            if not queued:
-                ack()  # acknowledged once dealt with: the broker holds the backlog, as for the server
+        receiver(topic, payload, ack)
 
     conn = _connect(args.broker, f"bench-agg-{os.getpid()}", [(wire.upload_subscription(FEDERATION),
                                                                wire.QOS_UPLOAD)], receive, manual_ack=True)
@@ -252,9 +241,10 @@ def run_aggregator(args) -> int:
     _, stats = strategy.finish()
     closed_at = time.monotonic()
     conn.stop()
-    _emit({**state, "folded": folded, "rejected": rejected, "last_fold": last_fold, "closed_at": closed_at,
-           "finish_ms": round(1000 * (closed_at - t), 2), "clients_in_stats": stats.clients,
-           "peak_inbox": deepest, "cpu_s": round(time.process_time(), 3), "rss_after_setup_mb": round(rss_setup, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    _emit({**state, "wire_rejected": receiver.rejected, "folded": folded, "rejected": rejected,
+           "last_fold": last_fold, "closed_at": closed_at, "finish_ms": round(1000 * (closed_at - t), 2),
+           "clients_in_stats": stats.clients, "peak_inbox": deepest, "cpu_s": round(time.process_time(), 3),
+           "rss_after_setup_mb": round(rss_setup, 1), "peak_rss_mb": round(peak_rss_mb(), 1)})
     return 0 if folded == args.expect else 1
 
 
@@ -279,6 +269,30 @@ def _expect_line(proc: subprocess.Popen, what: str) -> str:
     return line
 
 
+def start_publishers(args, clients: int, pubs: list[subprocess.Popen], **extra) -> float:
+    """Start the publisher processes (appended to `pubs`, so the caller reaps them whatever happens),
+    wait until each is connected, and give them all the same start time t0; returns t0."""
+    pubs += [_child("publish", args, clients, index=k, **extra) for k in range(args.publishers)]
+    for p in pubs:
+        if _expect_line(p, "publisher") != READY:
+            raise RuntimeError("a publisher did not get ready")
+    t0 = time.monotonic() + 0.2
+    for p in pubs:
+        p.stdin.write(f"{GO} {t0!r}\n")
+        p.stdin.flush()
+    return t0
+
+
+def reap(processes) -> None:
+    """Wait for each child to exit (30 s), killing any that does not."""
+    for p in processes:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
 def run_pass(args, clients: int, role: str, expect: int) -> tuple[dict, list[dict], float]:
     """One pass: a subscriber of `role`, the publishers, one round. (subscriber, publishers, t0)."""
     timeout = 60 + clients * 0.2
@@ -287,24 +301,12 @@ def run_pass(args, clients: int, role: str, expect: int) -> tuple[dict, list[dic
     try:
         if _expect_line(sink, role) != READY:
             raise RuntimeError(f"the {role} process did not get ready")
-        pubs = [_child("publish", args, clients, index=k) for k in range(args.publishers)]
-        for p in pubs:
-            if _expect_line(p, "publisher") != READY:
-                raise RuntimeError("a publisher did not get ready")
-        t0 = time.monotonic() + 0.2
-        for p in pubs:
-            p.stdin.write(f"{GO} {t0!r}\n")
-            p.stdin.flush()
+        t0 = start_publishers(args, clients, pubs)
         published = [json.loads(_expect_line(p, "publisher")) for p in pubs]
         result = json.loads(_expect_line(sink, role))
         return result, published, t0
     finally:
-        for p in (sink, *pubs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        reap((sink, *pubs))
 
 
 def _broker_pass(args, clients: int, payloads_per_update: int) -> tuple[float, dict]:

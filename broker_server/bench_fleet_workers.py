@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, RoundPartial
+from broker_server.aggregation import AggregationConfig
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
 from edge_runtime import wire
 
@@ -78,7 +78,7 @@ def run_coordinator(args) -> int:
     """Plans for the W workers, receipts, close, partials, merge and finish: one round."""
     from broker_server.bench_fleet import FEDERATION, ROUND, _connect, _emit, device_id, slot_map_of, tier_of
     from broker_server.methods import make_method
-    from broker_server.workers import plan_settings
+    from broker_server.workers import plan_settings, round_partial
 
     space, slots, layers = tier_of(args.artifacts, args.tier)
     method = make_method("fft-moe", bench_manifest(args.artifacts), AggregationConfig(exact=True), 1.0)
@@ -137,11 +137,8 @@ def run_coordinator(args) -> int:
         if isinstance(message, wire.WorkerPartial):
             partials[message.worker_id] = message
     t = time.monotonic()
-    for p in partials.values():
-        if p.devices:
-            method.strategy.merge(RoundPartial(dict(p.params), {int(k): v for k, v in p.den.items()},
-                                               {int(k): v for k, v in p.tokens.items()}, p.head_den,
-                                               len(p.devices), p.samples, p.bytes_folded, p.clipped, list(p.norms)))
+    for part in filter(None, map(round_partial, partials.values())):
+        method.strategy.merge(part)
     _, stats = method.strategy.finish()
     closed_at = time.monotonic()
     conn.stop()
@@ -153,10 +150,10 @@ def run_coordinator(args) -> int:
 
 def sharded_pass(args, clients: int, workers: int) -> tuple[float, dict, list[dict], float]:
     """One round with W workers: (span to the last receipt, coordinator record, worker records, t0)."""
-    from broker_server.bench_fleet import GO, READY, _child, _expect_line
+    from broker_server.bench_fleet import READY, _child, _expect_line, reap, start_publishers
 
     coordinator = _child("coordinate", args, clients, workers=workers, timeout=60 + clients * 0.2)
-    procs = []
+    procs, pubs = [], []
     try:
         if _expect_line(coordinator, "coordinator") != "SUBSCRIBED":
             raise RuntimeError("the coordinator did not subscribe")
@@ -166,30 +163,17 @@ def sharded_pass(args, clients: int, workers: int) -> tuple[float, dict, list[di
                 raise RuntimeError("an aggregator worker did not get ready")
         if _expect_line(coordinator, "coordinator") != READY:
             raise RuntimeError("the coordinator did not get ready")
-        pubs = [_child("publish", args, clients, index=k, lanes=workers) for k in range(args.publishers)]
-        procs += pubs
-        for p in pubs:
-            if _expect_line(p, "publisher") != READY:
-                raise RuntimeError("a publisher did not get ready")
-        t0 = time.monotonic() + 0.2
-        for p in pubs:
-            p.stdin.write(f"{GO} {t0!r}\n")
-            p.stdin.flush()
+        t0 = start_publishers(args, clients, pubs, lanes=workers)
         for p in pubs:
             _expect_line(p, "publisher")
         result = json.loads(_expect_line(coordinator, "coordinator"))
         worker_records = []
-        for p in procs[:workers]:
+        for p in procs:
             p.stdin.write("STOP\n")
             p.stdin.flush()
             worker_records.append(json.loads(_expect_line(p, "worker")))
     finally:
-        for p in (coordinator, *procs):
-            try:
-                p.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - any trouble: make sure nothing is left running
-                p.kill()
-                p.wait()
+        reap((coordinator, *procs, *pubs))
     if result["ok"] != clients or result["clients_in_stats"] != clients:
         raise RuntimeError(f"sharded pass with {workers} workers: {result['ok']} of {clients} updates folded, "
                            f"{result['failed']} rejected, {result['partials']} partial sums merged")

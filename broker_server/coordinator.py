@@ -28,10 +28,9 @@ import time
 
 import numpy as np
 
-from broker_server.aggregation import RoundPartial
 from broker_server.server import AggregationServer, OpenTask, RoundOutcome
 from broker_server.slots import tokens_by_global_expert
-from broker_server.workers import plan_settings
+from broker_server.workers import plan_settings, round_partial
 from edge_runtime import wire
 
 log = logging.getLogger("fftmoe.coordinator")
@@ -107,10 +106,10 @@ class CoordinatorServer(AggregationServer):
         self._round, self._deadline = -1, 0.0
         self._started = False  # the first round waits for config.workers live workers
 
-    def _subscriptions(self) -> list[tuple[str, int]]:  # no uploads: they go to the workers' lanes
-        fed = self.config.federation
-        return [(wire.presence_subscription(fed), wire.QOS_PRESENCE), (wire.upload_subscription(fed), wire.QOS_UPLOAD),
-                (wire.worker_subscription(fed), wire.QOS_WORKER)]
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        # the server's own upload topic stays: a device answers an unreadable task there (round "none");
+        # updates come on the workers' lanes
+        return super()._subscriptions() + [(wire.worker_subscription(self.config.federation), wire.QOS_WORKER)]
 
     def _drain(self, timeout: float):
         message = super()._drain(timeout)
@@ -167,8 +166,10 @@ class CoordinatorServer(AggregationServer):
     def _send_plans(self, lanes: dict[str, str]) -> None:
         """One plan per worker for its devices in `lanes`; the session's arrays to a worker's first."""
         settings = plan_settings(self.strategy.config, self.strategy.clip_bound, self.config.max_update_bytes)
-        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.state.global_arrays.items()}
+        arrays = None  # the global arrays as sent, built only if some worker has not had them this session
         for worker in sorted(set(lanes.values())):
+            if arrays is None and worker not in self._planned:
+                arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.state.global_arrays.items()}
             devices = [d for d, w in lanes.items() if w == worker]
             plan = wire.WorkerPlan(worker_id=worker, round=self._round, session=self.pool.session,
                                    tiers={d: self._open[d].message.tier for d in devices},
@@ -206,7 +207,7 @@ class CoordinatorServer(AggregationServer):
 
     def _gather(self, outcome: RoundOutcome) -> bool:
         """Receipts until every task is answered or the deadline; False if stopped."""
-        cfg, pool = self.config, self.pool
+        pool = self.pool
         waiting = {d for d, t in self._open.items() if not t.answered}
         next_scan = time.monotonic() + POLL_S
         while waiting and time.monotonic() < self._deadline:
@@ -217,12 +218,11 @@ class CoordinatorServer(AggregationServer):
                 self._handover(orphans)
             message = self._drain(timeout=POLL_S)
             now = time.monotonic()
-            due = [message.device_id] if isinstance(message, wire.Hello) and message.device_id in waiting else []
-            if now >= next_scan:  # also picks up devices handed over since: they are unanswered again
+            scan = now >= next_scan
+            if scan:  # also picks up devices handed over since: they are unanswered again
                 next_scan = now + POLL_S
                 waiting = {d for d, t in self._open.items() if not t.answered}
-                due += [d for d in waiting if now - self._open[d].sent_at > cfg.resend_interval_s]
-            for device_id in dict.fromkeys(due):
+            for device_id in self._resends_due(message, waiting, self._open, now, scan):
                 if self._open[device_id].message.upload_lane in pool.live():
                     self._send_task(device_id)
             if isinstance(message, wire.WorkerReceipt):
@@ -231,11 +231,7 @@ class CoordinatorServer(AggregationServer):
                 log.warning("round %d: %s uploaded to the coordinator, not to its worker's lane: a device "
                             "older than wire 1.1? Its update is not counted", self._round, message.device_id)
             elif isinstance(message, wire.Presence) and not message.online:
-                task = self._open.get(message.device_id)
-                if task is not None and not task.answered:
-                    task.answered = True
-                    outcome.failed[message.device_id] = "went offline"
-                    log.warning("round %d: %s went offline", self._round, message.device_id)
+                self._went_offline(self._round, message.device_id, self._open, outcome)
             device_id = getattr(message, "device_id", None)
             if device_id in waiting and self._open[device_id].answered:
                 waiting.discard(device_id)
@@ -277,15 +273,11 @@ class CoordinatorServer(AggregationServer):
     def _merge(self, outcome: RoundOutcome) -> RoundOutcome:
         """Add the partial sums into the strategy and build the round's record from the receipts."""
         pool, counted = self.pool, set()
-        for _, partial in sorted(pool.partials.items()):
-            if not partial.devices:
-                continue
-            self.strategy.merge(RoundPartial(
-                sums=dict(partial.params), den={int(k): v for k, v in partial.den.items()},
-                tokens={int(k): v for k, v in partial.tokens.items()}, head_den=partial.head_den,
-                clients=len(partial.devices), samples=partial.samples, bytes_folded=partial.bytes_folded,
-                clipped=partial.clipped, norms=list(partial.norms)))
-            counted |= set(partial.devices)
+        for _, message in sorted(pool.partials.items()):
+            part = round_partial(message)
+            if part is not None:
+                self.strategy.merge(part)
+                counted |= set(message.devices)
         for device_id, task in self._open.items():
             receipt = pool.receipts.get(device_id)
             if device_id in counted:  # in the sums: counted, whatever became of its receipt

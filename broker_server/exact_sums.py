@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from broker_server.accumulate import Run, slot_runs
+from broker_server.accumulate import Run, checked_runs
 
 FRACTION_BITS = 24  # grid step of x: 2^-24 (times the weight)
 VALUE_BITS = 8  # |x| < 256; adapter weights and biases are O(1)
@@ -94,10 +94,7 @@ class ExactSums:
         return [float(v) for v in values]
 
     def runs(self, slots: Sequence[int]) -> tuple[Run, ...] | None:
-        key = tuple(slots)
-        if not key or not all(isinstance(g, (int, np.integer)) and 0 <= g < self.experts for g in key):
-            return None
-        return slot_runs(key)
+        return checked_runs(tuple(slots), self.experts)
 
     def layer_shapes(self, layer: int, m_t: int) -> list[tuple[int, ...]]:
         return [(m_t, *trail) for _, trail in self.layers[layer]]

@@ -33,6 +33,7 @@ class UploadReceiver:
         self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
         self._bytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
+        self.rejected = 0  # payloads refused (bad topic, frame, hash, message or origin); each is logged
 
     def __call__(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
         queued = False
@@ -48,6 +49,7 @@ class UploadReceiver:
                 self.inbox.put((message, ack))
                 queued = True
         except wire.WireError as err:
+            self.rejected += 1
             log.warning("rejected a message on %s: %s", topic, err)
         finally:
             if not queued:

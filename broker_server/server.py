@@ -240,11 +240,10 @@ class AggregationServer:
                 return None
             message = self._drain(timeout=RESEND_SCAN_S)
             now = time.monotonic()
-            due = [message.device_id] if isinstance(message, wire.Hello) and message.device_id in waiting else []
-            if now >= next_scan:
+            scan = now >= next_scan
+            if scan:
                 next_scan = now + RESEND_SCAN_S
-                due += [d for d in waiting if now - open_tasks[d].sent_at > cfg.resend_interval_s]
-            for device_id in dict.fromkeys(due):
+            for device_id in self._resends_due(message, waiting, open_tasks, now, scan):
                 # A fresh message id: receivers drop a repeated id as a transport duplicate, but
                 # this is a deliberate retry (the device answers it with its cached update).
                 task = open_tasks[device_id]
@@ -254,11 +253,7 @@ class AggregationServer:
             if isinstance(message, (wire.Update, wire.ErrorReply)):
                 self._answer(round_, message, open_tasks, outcome)
             elif isinstance(message, wire.Presence) and not message.online:
-                task = open_tasks.get(message.device_id)
-                if task is not None and not task.answered:  # its last will, or it dropped out
-                    task.answered = True
-                    outcome.failed[message.device_id] = "went offline"
-                    log.warning("round %d: %s went offline", round_, message.device_id)
+                self._went_offline(round_, message.device_id, open_tasks, outcome)
             device_id = getattr(message, "device_id", None)
             if device_id in waiting and open_tasks[device_id].answered:
                 del waiting[device_id]
@@ -269,6 +264,23 @@ class AggregationServer:
                 outcome.failed[device_id] = "missed the round deadline"
                 log.warning("round %d: %s missed the deadline (%.0f s)", round_, device_id, cfg.round_deadline_s)
         return outcome
+
+    def _resends_due(self, message, waiting, open_tasks: dict[str, OpenTask], now: float, scan: bool) -> list[str]:
+        """Open tasks to send again: a waiting device that (re)announced itself, and on a `scan` every
+        waiting task older than the re-send interval; each once, in order."""
+        due = [message.device_id] if isinstance(message, wire.Hello) and message.device_id in waiting else []
+        if scan:
+            due += [d for d in waiting if now - open_tasks[d].sent_at > self.config.resend_interval_s]
+        return list(dict.fromkeys(due))
+
+    def _went_offline(self, round_: int, device_id: str, open_tasks: dict[str, OpenTask],
+                      outcome: RoundOutcome) -> None:
+        """An offline Presence (its last will, or an emulated dropout) fails an unanswered task."""
+        task = open_tasks.get(device_id)
+        if task is not None and not task.answered:
+            task.answered = True
+            outcome.failed[device_id] = "went offline"
+            log.warning("round %d: %s went offline", round_, device_id)
 
     def _answer(self, round_: int, message, open_tasks: dict[str, OpenTask], outcome: RoundOutcome) -> None:
         task = open_tasks.get(message.device_id)

@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, UpdateRejected
+from broker_server.aggregation import AggregationConfig, RoundPartial, UpdateRejected
 from broker_server.methods import make_method
 from broker_server.receiver import UploadReceiver
 from edge_runtime import wire
@@ -54,13 +54,36 @@ def plan_settings(config: AggregationConfig, clip_bound: float | None, max_updat
 
 
 def settings_config(settings: dict[str, str]) -> tuple[AggregationConfig, int]:
-    """Inverse of `plan_settings`: (exact aggregation config, max update bytes)."""
-    bound = settings.get("clip_bound", "")
-    config = AggregationConfig(weighting=settings.get("weighting", "samples"), exact=True,
-                               personalise_router=settings.get("personalise_router") == "true",
-                               clip_bound=float(bound) if bound else None,
-                               norm_policy=settings.get("norm_policy", "clip"))
-    return config, int(settings.get("max_update_bytes", 64 * 1024 * 1024))
+    """Inverse of `plan_settings`: (exact aggregation config, max update bytes). Every key is required
+    (KeyError otherwise): the coordinator's settings are the only source, no defaults here."""
+    bound = settings["clip_bound"]
+    config = AggregationConfig(weighting=settings["weighting"], exact=True,
+                               personalise_router=settings["personalise_router"] == "true",
+                               clip_bound=float(bound) if bound else None, norm_policy=settings["norm_policy"])
+    return config, int(settings["max_update_bytes"])
+
+
+def partial_message(worker_id: str, round_: int, session: str, devices: list[str],
+                    part: RoundPartial | None) -> wire.WorkerPartial:
+    """A strategy's `partial()` as the WorkerPartial a worker sends (None: nothing folded)."""
+    if part is None:
+        return wire.WorkerPartial(worker_id=worker_id, round=round_, session=session, devices=[], den={},
+                                  tokens={}, head_den=0.0, samples=0, bytes_folded=0, clipped=0, norms=[])
+    return wire.WorkerPartial(
+        worker_id=worker_id, round=round_, session=session, devices=list(devices),
+        den={str(k): v for k, v in part.den.items()}, tokens={str(k): v for k, v in part.tokens.items()},
+        head_den=part.head_den, samples=part.samples, bytes_folded=part.bytes_folded, clipped=part.clipped,
+        norms=part.norms, params={k: np.ascontiguousarray(v) for k, v in part.sums.items()})
+
+
+def round_partial(message: wire.WorkerPartial) -> RoundPartial | None:
+    """Inverse of `partial_message`: what `FftMoeStrategy.merge` takes (None: the worker folded nothing)."""
+    if not message.devices:
+        return None
+    return RoundPartial(sums=dict(message.params), den={int(k): v for k, v in message.den.items()},
+                        tokens={int(k): v for k, v in message.tokens.items()}, head_den=message.head_den,
+                        clients=len(message.devices), samples=message.samples, bytes_folded=message.bytes_folded,
+                        clipped=message.clipped, norms=list(message.norms))
 
 
 class _Round:
@@ -166,7 +189,7 @@ class AggregatorWorker:
         self._receipts = {}
         try:
             self._round = _Round(plan, self.manifest)
-        except (ValueError, KeyError) as err:  # arrays that do not fit this export: the wrong --artifacts
+        except (ValueError, KeyError) as err:  # the wrong --artifacts, or settings missing a key
             log.error("round %d: cannot start: %s", plan.round, err)
             self._round = None
             return
@@ -218,17 +241,10 @@ class AggregatorWorker:
             return
         if r is None or (r.round, r.session) != key:
             # never started (or already replaced): nothing folded here for that session
-            partial = wire.WorkerPartial(worker_id=self.worker_id, round=close.round, session=close.session,
-                                         devices=[], den={}, tokens={}, head_den=0.0, samples=0, bytes_folded=0,
-                                         clipped=0, norms=[])
+            partial = partial_message(self.worker_id, close.round, close.session, [], None)
         else:
             r.closed = True
-            part = r.method.strategy.partial()
-            partial = wire.WorkerPartial(
-                worker_id=self.worker_id, round=r.round, session=r.session, devices=list(r.folded),
-                den={str(k): v for k, v in part.den.items()}, tokens={str(k): v for k, v in part.tokens.items()},
-                head_den=part.head_den, samples=part.samples, bytes_folded=part.bytes_folded, clipped=part.clipped,
-                norms=part.norms, params={k: np.ascontiguousarray(v) for k, v in part.sums.items()})
+            partial = partial_message(self.worker_id, r.round, r.session, r.folded, r.method.strategy.partial())
             log.info("round %d: closed with %d updates folded", r.round, len(r.folded))
         chunks = wire.encode(partial, chunk_size=self.chunk_size)
         self._last_partial = (key, chunks)

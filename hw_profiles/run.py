@@ -122,23 +122,21 @@ def _export_adapters(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    moe_options = args.weighting != "samples" or args.personalise_router or args.router_lr != 1 \
+        or args.server_optimizer != "fedavg"
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
                          (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
-                          "fedadam")):
+                          "fedadam"),
+                         (args.serve_averaged_router and not args.personalise_router,
+                          "--serve-averaged-router goes with --personalise-router"),
+                         (args.method != "fft-moe" and moe_options,
+                          "--weighting, --personalise-router, --router-lr and --server-optimizer are FFT-MoE options; "
+                          "the LoRA baselines run sample-weighted FedAvg as published")):
         if bad:
             print(f"fftmoe run: error: {message}", file=sys.stderr)
             return 2
-    if args.serve_averaged_router and not args.personalise_router:
-        print("fftmoe run: error: --serve-averaged-router goes with --personalise-router", file=sys.stderr)
-        return 2
-    if args.method != "fft-moe" and (args.weighting != "samples" or args.personalise_router or args.router_lr != 1
-                                     or args.server_optimizer != "fedavg"):
-        print("fftmoe run: error: --weighting, --personalise-router, --router-lr and --server-optimizer are FFT-MoE "
-              "options; the LoRA baselines "
-              "run sample-weighted FedAvg as published", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     from hw_profiles.fleet import FleetError, parse_fleet
