@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "--max-attempts"):
         parser.add_argument(flag, type=int)
     for flag in ("--fraction", "--round-deadline-s", "--learning-rate", "--lambda-bal", "--lambda-het", "--gamma",
-                 "--server-lr", "--router-lr", "--clip-multiplier"):
+                 "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
     parser.add_argument("--personalise-router", action="store_true", default=None)
     parser.add_argument("--exact", action="store_true", default=None,

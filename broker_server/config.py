@@ -48,6 +48,7 @@ class ServerConfig:
     optimizer: str = "fedavg"
     server_lr: float = 1e-2
     personalise_router: bool = False
+    slot_keep: float = 0.5  # share of a device's slots kept on its most-used experts (slots.py); 0: coverage only
     router_lr: float = 1.0  # server step on router rows (FedAvg): 1 averages them, 0 keeps the global gate
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
@@ -76,6 +77,7 @@ class ServerConfig:
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
             (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'"),
             (0 <= self.router_lr <= 1, "router_lr must be in [0, 1]"),
+            (0 <= self.slot_keep <= 1, "slot_keep must be in [0, 1]"),
             (self.router_lr == 1 or self.optimizer == "fedavg", "router_lr applies to the fedavg optimizer only"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (self.workers >= 0 and self.close_timeout_s > 0, "workers must be >= 0 and close_timeout_s > 0"),
@@ -83,8 +85,10 @@ class ServerConfig:
              "they are folded elsewhere"),
             (self.method == "fft-moe" or not (self.exact or self.workers or self.audit_log or self.personalise_router
                                                or self.clip_multiplier or self.router_lr != 1
-                                               or self.optimizer != "fedavg" or self.weighting != "samples"),
-             "exact, workers, audit_log, personalise_router, router_lr, clip_multiplier, optimizer and weighting are "
+                                               or self.optimizer != "fedavg" or self.weighting != "samples"
+                                               or self.slot_keep != 0.5),
+             "exact, workers, audit_log, personalise_router, router_lr, slot_keep, clip_multiplier, optimizer and "
+             "weighting are "
              "FFT-MoE options; the LoRA "
              "baselines run plain sample-weighted FedAvg as published"),
         ]

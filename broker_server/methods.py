@@ -34,10 +34,10 @@ class MoeMethod:
 
     method = "fft-moe"
 
-    def __init__(self, manifest: Manifest, config: AggregationConfig, gamma: float):
+    def __init__(self, manifest: Manifest, config: AggregationConfig, gamma: float, slot_keep: float = 0.5):
         if manifest.is_lora:
             raise MethodError(f"{manifest.root} is a LoRA export; FFT-MoE needs `fftmoe export` without --method lora")
-        self.manifest, self.gamma = manifest, gamma
+        self.manifest, self.gamma, self.slot_keep = manifest, gamma, slot_keep
         self.space = ParamSpace(manifest.global_params)
         self.strategy = FftMoeStrategy(self.space, config)
         self.planner: SlotPlanner | None = None  # the current round's, made by begin_round
@@ -50,7 +50,7 @@ class MoeMethod:
         return {str(k): v.tolist() for k, v in self.strategy.usage.items()}
 
     def begin_round(self, global_arrays: Mapping[str, np.ndarray]) -> None:
-        self.planner = SlotPlanner(self.space.experts, self.strategy.usage)
+        self.planner = SlotPlanner(self.space.experts, self.strategy.usage, keep=self.slot_keep)
         self.strategy.begin_round(global_arrays)
 
     def task_fields(self, tier: TierEntry, history, global_arrays) -> tuple[dict, dict[int, list[int]], dict]:
@@ -168,7 +168,8 @@ class LoraMethod:
                               "it belongs to an FFT-MoE run; use a new --state-dir")
 
 
-def make_method(name: str, manifest: Manifest, config: AggregationConfig, gamma: float) -> MoeMethod | LoraMethod:
+def make_method(name: str, manifest: Manifest, config: AggregationConfig, gamma: float,
+                slot_keep: float = 0.5) -> MoeMethod | LoraMethod:
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    return MoeMethod(manifest, config, gamma) if name == "fft-moe" else LoraMethod(name, manifest)
+    return MoeMethod(manifest, config, gamma, slot_keep) if name == "fft-moe" else LoraMethod(name, manifest)

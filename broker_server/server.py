@@ -79,7 +79,7 @@ class AggregationServer:
             weighting=config.weighting, optimizer=config.optimizer, server_lr=config.server_lr,
             personalise_router=config.personalise_router, router_lr=config.router_lr,
             exact=config.exact or config.workers > 0, clip_multiplier=config.clip_multiplier,
-            norm_policy=config.norm_policy), gamma=config.gamma)
+            norm_policy=config.norm_policy), gamma=config.gamma, slot_keep=config.slot_keep)
         self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-lr", type=float, default=1.0,
                    help="FFT-MoE: server step on the router rows, 1 averages them (default), 0 keeps the global "
                         "gate where it is while devices still adapt theirs within a round")
+    p.add_argument("--slot-keep", type=float, default=0.5,
+                   help="FFT-MoE: share of a device's expert slots kept on the experts it used most last round "
+                        "(default 0.5); the rest go to the fleet's least-used experts, 0 = all of them")
     p.add_argument("--artifacts", type=Path, help="use this export instead of the cached one")
     p.add_argument("--cache", type=Path, default=Path("artifacts/cache"), help="export cache folder")
     p.add_argument("--dataset", default="bbcnews", help="built-in name or a CSV / JSON Lines / Parquet file")
@@ -123,16 +126,18 @@ def _export_adapters(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     moe_options = args.weighting != "samples" or args.personalise_router or args.router_lr != 1 \
-        or args.server_optimizer != "fedavg"
+        or args.server_optimizer != "fedavg" or args.slot_keep != 0.5
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
                          (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
+                         (not 0 <= args.slot_keep <= 1, f"--slot-keep must be in [0, 1], got {args.slot_keep}"),
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
                           "fedadam"),
                          (args.serve_averaged_router and not args.personalise_router,
                           "--serve-averaged-router goes with --personalise-router"),
                          (args.method != "fft-moe" and moe_options,
-                          "--weighting, --personalise-router, --router-lr and --server-optimizer are FFT-MoE options; "
+                          "--weighting, --personalise-router, --router-lr, --slot-keep and --server-optimizer are FFT-MoE "
+                          "options; "
                           "the LoRA baselines run sample-weighted FedAvg as published")):
         if bad:
             print(f"fftmoe run: error: {message}", file=sys.stderr)
@@ -214,7 +219,8 @@ def _run(args, fleet) -> int:
                               lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
                               personalise_router=args.personalise_router and not args.serve_averaged_router,
-                              router_lr=args.router_lr, optimizer=args.server_optimizer, server_lr=args.server_lr)
+                              router_lr=args.router_lr, optimizer=args.server_optimizer, server_lr=args.server_lr,
+                              slot_keep=args.slot_keep)
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate

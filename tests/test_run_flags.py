@@ -15,6 +15,8 @@ from hw_profiles import run
     (["--serve-averaged-router"], "--serve-averaged-router goes with --personalise-router"),
     (["--method", "fedit", "--personalise-router"], "are FFT-MoE options"),
     (["--method", "hetlora", "--server-optimizer", "fedadam"], "are FFT-MoE options"),
+    (["--slot-keep", "1.5"], "--slot-keep must be in [0, 1], got 1.5"),
+    (["--method", "fedit", "--slot-keep", "0"], "are FFT-MoE options"),
 ])
 def test_bad_method_options_exit_2_before_any_work(argv, words, capsys, tmp_path):
     assert run.main(argv + ["--out", str(tmp_path / "run")]) == 2
