@@ -103,8 +103,8 @@ def _rows(g0: int, count: int, step: int) -> slice:
 class SlotSums:
     """sum_n w_n x_n for slotted arrays (rows = global experts), per layer, and for whole arrays.
 
-    layers: layer -> [(name, trailing shape)] in the order `add_layer` receives the arrays;
-    whole: name -> shape of the arrays `add_whole` adds in full (the head)."""
+    layers: layer -> [(name, trailing shape)] in the order a plan lists the arrays;
+    whole: name -> shape of the arrays added in full (the head)."""
 
     def __init__(self, experts: int, layers: Mapping[int, Sequence[tuple[str, tuple[int, ...]]]],
                  whole: Mapping[str, tuple[int, ...]], spill_every: int = SPILL_EVERY):
@@ -121,7 +121,9 @@ class SlotSums:
         # rows at most (<= 196 KB for the default export) and stays in L2 between the two calls
         self._flat = np.empty(max((math.prod(s) for s in shapes.values()), default=0), np.float32)
         self._w = np.zeros((), np.float32)  # the update's weight (a 0-d array is the cheapest operand)
-        self._wrows = np.zeros(experts, np.float32)  # per-row weights [M_t] (activation weighting)
+        self._wf = 0.0  # the same as a Python float (what saxpy takes)
+        self._wrows = np.zeros(experts * len(self.layers), np.float32)  # per-slot weights (activation weighting)
+        self._wrow_list: list[float] = []
         self._groups = {**{layer: [name for name, _ in cols] for layer, cols in self.layers.items()},
                         **{name: [name] for name in whole}}  # what spills together
         self._count = dict.fromkeys(self._groups, 0)  # updates added per group since begin
@@ -136,100 +138,94 @@ class SlotSums:
     def weight(self, w: float) -> float:
         """Set the update's weight; returns it as the float32 value the sums use (for denominators)."""
         self._w[...] = w
-        return float(self._w)
+        self._wf = float(self._w)
+        return self._wf
 
-    def row_weights(self, w: np.ndarray) -> list[float]:
-        """Set per-row weights [M_t] for `add_layer(..., rows=True)`; returns them as the sums use them."""
+    def row_weights(self, w: np.ndarray) -> np.ndarray:
+        """Set per-slot weights [S] (the update's slots, layer after layer) for `add_update(..., rows=True)`;
+        returns them as the sums use them (float32 values, as float64)."""
         self._wrows[:len(w)] = w
-        return self._wrows[:len(w)].tolist()
+        self._wrow_list = self._wrows[:len(w)].tolist()
+        return self._wrows[:len(w)].astype(np.float64)
 
-    def runs(self, slots: Sequence[int]) -> tuple[Run, ...] | None:
-        """`slot_runs(slots)`, or None when a slot is not a global expert index (cached per slot map)."""
-        key = ("runs", tuple(slots))
-        runs = self._cache.get(key, False)
-        if runs is False:
+    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False) -> None:
+        """inner[name][slots] += w * x for the plan's summed arrays (`fold_plan.FoldPlan`; the caller
+        checked the shapes). rows: layer slot i weighted by `row_weights`[i], else by `weight`; the head
+        always by `weight`. f32: every array is float32 (the caller's test), so each block is one saxpy."""
+        if f32:
+            flats = [x.ravel() for x in arrays]  # views: C-contiguous (a copy otherwise, which reads the same)
+            layer_ops, head_ops = self._plan_ops(plan, rows)
+            w = self._wf
+            if rows:
+                weights = self._wrow_list
+                for k, offset, n, acc, i in layer_ops:
+                    _saxpy(flats[k], acc, n, weights[i], offset)
+            else:
+                for k, offset, n, acc, _ in layer_ops:
+                    _saxpy(flats[k], acc, n, w, offset)  # acc[:n] += w * flats[k][offset:offset + n]; positional: cheaper
+            for k, n, acc in head_ops:
+                _saxpy(flats[k], acc, n, w)
+        else:  # float16 uploads, clipped float64 values: weigh into the scratch, then add
+            for lp in plan.layers:
+                self._two_pass_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
+            for name, x in zip(plan.head, arrays[plan.summed - len(plan.head):plan.summed]):
+                tmp = self._flat[:x.size].reshape(x.shape)
+                np.multiply(x, self._w, tmp)
+                np.add(self.inner[name], tmp, self.inner[name])
+        count, every = self._count, self.spill_every
+        for group in plan.groups:  # every spill_every-th update of a group (layer, head array) spills it
+            count[group] += 1
+            if count[group] % every == 0:
+                self._spill(group)
+
+    def _plan_ops(self, plan, rows: bool) -> tuple[list, list]:
+        """(layer saxpy calls as `_axpy_ops` gives them, with array and slot indices over the whole
+        update; head calls as (array index, elements, flat accumulator)) for a plan (cached)."""
+        key = ("plan", plan.key, rows)
+        ops = self._cache.get(key)
+        if ops is None:
             if len(self._cache) >= _CACHE_MAX:  # all cheap to rebuild
                 self._cache.clear()
-            runs = self._cache[key] = checked_runs(key[1], self.experts)
-        return runs
-
-    def layer_shapes(self, layer: int, m_t: int) -> list[tuple[int, ...]]:
-        """Shapes `add_layer` expects for M_t slots: [(M_t, *trailing shape) per name]."""
-        key = ("shapes", layer, m_t)
-        shapes = self._cache.get(key)
-        if shapes is None:
-            shapes = self._cache[key] = [(m_t, *trail) for _, trail in self.layers[layer]]
-        return shapes
-
-    def add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool = False) -> None:
-        """inner[name][slots] += w * xs[k] for the layer's names, xs in `layer_shapes` (the caller
-        checks); runs = `runs(slots)`. rows: row i weighted by `row_weights`[i], else by `weight`."""
-        if all(x.dtype == np.float32 and x.flags.c_contiguous for x in xs):
-            self._axpy_layer(layer, xs, runs, rows)
-        else:  # float16 uploads, clipped float64 values: weigh into the scratch, then add
-            self._two_pass_layer(layer, xs, runs, rows)
-        self._counted(layer)
-
-    def _axpy_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool) -> None:
-        """One BLAS saxpy per contiguous accumulator block (`_axpy_ops`), under the update's weight or
-        (rows) each row's own."""
-        flat = [x.ravel() for x in xs]  # views: xs are C-contiguous
-        if rows:
-            weights = self._wrows.tolist()
-            for k, offset, n, acc, i in self._axpy_ops(layer, runs, True):
-                _saxpy(flat[k], acc, n, weights[i], offset)
-        else:
-            w = float(self._w)
-            for k, offset, n, acc, _ in self._axpy_ops(layer, runs, False):
-                _saxpy(flat[k], acc, n, w, offset)  # acc[:n] += w * flat[k][offset:offset + n]; positional: cheaper
+            layer_ops = [(lp.first + k, offset, n, acc, lp.row0 + i)
+                         for lp in plan.layers for k, offset, n, acc, i in self._axpy_ops(lp.layer, lp.runs, rows)]
+            first = plan.summed - len(plan.head)
+            head_ops = [(first + k, self.inner[name].size, self.inner[name].reshape(-1))
+                        for k, name in enumerate(plan.head)]
+            ops = self._cache[key] = (layer_ops, head_ops)
+        return ops
 
     def _axpy_ops(self, layer: int, runs: Sequence[Run], rows: bool) -> list[tuple[int, int, int, np.ndarray, int]]:
         """(name index k, offset into the flat x, elements n, flat accumulator view, local slot) per
-        saxpy call for this layer and slot map (cached): a run of step 1 under one weight is one block,
+        saxpy call for this layer and slot map: a run of step 1 under one weight is one block,
         anything else one block per row. saxpy writes into the view in place: each is a contiguous
         slice of C-ordered rows, which f2py passes through without a copy (it would silently write into
         a copy of anything else)."""
-        key = ("ops", layer, tuple(runs), rows)
-        ops = self._cache.get(key)
-        if ops is None:
-            ops = []
-            for k, (name, trail) in enumerate(self.layers[layer]):
-                acc, row = self.inner[name], math.prod(trail)
-                for lo, hi, g0, step in runs:
-                    if step == 1 and not rows:
-                        ops.append((k, lo * row, (hi - lo) * row, acc[g0:g0 + hi - lo].reshape(-1), lo))
-                    else:
-                        ops += [(k, (lo + i) * row, row, acc[g0 + step * i].reshape(-1), lo + i)
-                                for i in range(hi - lo)]
-            self._cache[key] = ops
+        ops = []
+        for k, (name, trail) in enumerate(self.layers[layer]):
+            acc, row = self.inner[name], math.prod(trail)
+            for lo, hi, g0, step in runs:
+                if step == 1 and not rows:
+                    ops.append((k, lo * row, (hi - lo) * row, acc[g0:g0 + hi - lo].reshape(-1), lo))
+                else:
+                    ops += [(k, (lo + i) * row, row, acc[g0 + step * i].reshape(-1), lo + i)
+                            for i in range(hi - lo)]
         return ops
 
-    def _two_pass_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool) -> None:
+    def _two_pass_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool,
+                        row0: int) -> None:
         mul, add, w = np.multiply, np.add, self._w
         tmps = self._scratch(layer, 0, len(xs[0])) if xs else []
         if len(runs) == 1:  # slots in one progression: one add per array over the whole block
             for x, tmp, acc in zip(xs, tmps, self._acc_rows(layer, runs[0])):
-                mul(x, self._row_weight(len(x), x.ndim) if rows else w, tmp)
+                mul(x, self._row_weight(row0, len(x), x.ndim) if rows else w, tmp)
                 add(acc, tmp, acc)
         else:
             pieces = [(self._acc_rows(layer, run), self._scratch(layer, run[0], run[1])) for run in runs]
             for k, (x, tmp) in enumerate(zip(xs, tmps)):
-                mul(x, self._row_weight(len(x), x.ndim) if rows else w, tmp)
+                mul(x, self._row_weight(row0, len(x), x.ndim) if rows else w, tmp)
                 for accs, parts in pieces:
                     acc = accs[k]
                     add(acc, parts[k], acc)
-
-    def add_whole(self, name: str, x: np.ndarray) -> None:
-        """inner[name] += w * x with the update's `weight`."""
-        if x.dtype == np.float32 and x.flags.c_contiguous:
-            _saxpy(x.reshape(-1), self.inner[name].reshape(-1), x.size, float(self._w))
-        else:
-            tmp = self._cache.get(("whole", name))
-            if tmp is None:
-                tmp = self._cache[("whole", name)] = self._flat[:x.size].reshape(self.inner[name].shape)
-            np.multiply(x, self._w, tmp)
-            np.add(self.inner[name], tmp, self.inner[name])
-        self._counted(name)
 
     def commit(self) -> None:
         """Nothing to do: the adds above went straight into the sums (see ExactSums.commit)."""
@@ -241,13 +237,11 @@ class SlotSums:
         """The float64 sum so far (a new array)."""
         return self.outer[name] + self.inner[name]
 
-    def _counted(self, group) -> None:
-        """Every `spill_every`-th update of a group moves its float32 sums into float64 and restarts them."""
-        self._count[group] += 1
-        if self._count[group] % self.spill_every == 0:
-            for name in self._groups[group]:
-                np.add(self.outer[name], self.inner[name], self.outer[name])
-                self.inner[name].fill(0.0)
+    def _spill(self, group) -> None:
+        """Move a group's float32 sums into float64 and restart them."""
+        for name in self._groups[group]:
+            np.add(self.outer[name], self.inner[name], self.outer[name])
+            self.inner[name].fill(0.0)
 
     def _acc_rows(self, layer: int, run: Run) -> list[np.ndarray]:
         """[inner[name] rows of the run] per name (cached)."""
@@ -267,9 +261,9 @@ class SlotSums:
                                         for _, t in self.layers[layer]]
         return views
 
-    def _row_weight(self, m_t: int, ndim: int) -> np.ndarray:
-        key = ("w", m_t, ndim)
+    def _row_weight(self, row0: int, m_t: int, ndim: int) -> np.ndarray:
+        key = ("w", row0, m_t, ndim)
         view = self._cache.get(key)
         if view is None:
-            view = self._cache[key] = self._wrows[:m_t].reshape(m_t, *([1] * (ndim - 1)))
+            view = self._cache[key] = self._wrows[row0:row0 + m_t].reshape(m_t, *([1] * (ndim - 1)))
         return view

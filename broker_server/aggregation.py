@@ -50,10 +50,12 @@ import numpy as np
 
 from broker_server.accumulate import SlotSums
 from broker_server.exact_sums import ExactSums
+from broker_server.fold_plan import MAX_PLANS, FoldPlan, PlanKey, Tally, build_plan, plan_key
 from edge_runtime.manifest import ParamEntry
 
 WEIGHTINGS = ("samples", "activation")
 OPTIMIZERS = ("fedavg", "fedadam")
+_F32 = {np.dtype(np.float32)}  # the dtypes of an update SlotSums folds with one saxpy per block
 
 
 class UpdateRejected(ValueError):
@@ -194,12 +196,11 @@ class FftMoeStrategy(Strategy):
         self._unmerged = {layer: [(p.name, p.shape[1:]) for p in entries if p.name not in self._names[layer]]
                           for layer, entries in space.by_layer.items()}  # still shape-checked
         sums_class = ExactSums if config.exact else SlotSums
-        self._sums = sums_class(m, {layer: [(n, space.by_name[n].shape[1:]) for n in names]
-                                    for layer, names in self._names.items()}, {p.name: p.shape for p in space.head})
-        # [M] weight per block and tokens per global expert as Python floats (IEEE doubles, the same
-        # sums as float64 arrays): a handful of scalar adds is cheaper than fancy-indexed numpy ops
-        self._den = {layer: [0.0] * m for layer in space.layers}
-        self._tokens = {layer: [0.0] * m for layer in space.layers}
+        summed = {layer: [(n, space.by_name[n].shape[1:]) for n in names] for layer, names in self._names.items()}
+        self._sums = sums_class(m, summed, {p.name: p.shape for p in space.head})
+        self._plan_parts = (summed, self._unmerged, [(p.name, p.shape) for p in space.head], m, list(space.layers))
+        self._plans: dict[PlanKey, FoldPlan] = {}  # per slot map seen (bounded: MAX_PLANS)
+        self._tally = Tally(space.layers, m)  # this round's weight and tokens per block
         self.usage = {layer: np.full(m, 1.0 / m) for layer in space.layers}  # EMA share, uniform at start
         self._opt_m = {p.name: np.zeros(p.shape) for p in space.entries}
         self._opt_v = {p.name: np.zeros(p.shape) for p in space.entries}
@@ -214,8 +215,7 @@ class FftMoeStrategy(Strategy):
             raise ValueError(f"global arrays do not match the parameter space: names {sorted(missing)}, shapes {bad}")
         self._global = {n: np.array(global_arrays[n], copy=True) for n in self.space.by_name}
         self._sums.reset()
-        for sums in (*self._den.values(), *self._tokens.values()):
-            sums[:] = [0.0] * len(sums)
+        self._tally.reset()
         self._clients = self._samples = self._bytes = self._clipped = 0
         self._head_den = 0.0
         self._norms: list[float] = []  # 8 B per client, only when clipping by median
@@ -232,8 +232,8 @@ class FftMoeStrategy(Strategy):
     def fold(self, update: ClientUpdate) -> None:
         if self._global is None:
             raise RuntimeError("fold() before begin_round()")
-        plan = self._plan(update)  # every structural check, before any sum changes
-        params = update.params
+        plan, arrays, tokens = self._checked(update)  # every structural check, before any sum changes
+        f32 = {x.dtype for x in arrays} == _F32
         norm, clipped = None, False
         if self.config.clip_multiplier is not None or self._bound is not None:
             norm = delta_norm(update, self._global, self.space, self.config.personalise_router)
@@ -242,45 +242,36 @@ class FftMoeStrategy(Strategy):
                                      "(norm policy: reject)")  # before any sum changed; not in the median
             if self._bound is not None and norm > self._bound:
                 params = clipped_params(update, self._global, self.space, self._bound / norm)
-                plan = [(layer, slots, [params[n] for n in self._names[layer]], runs)
-                        for layer, slots, _, runs in plan]
-                clipped = True
+                arrays, f32, clipped = [params[n] for n in plan.names], False, True
         sums, by_tokens = self._sums, self.config.weighting == "activation"
-        counts = []  # (layer, slots, weights, tokens): applied once the sums took the whole update
         try:
             samples = sums.weight(update.num_samples)  # the weight the sums use, as a float
-            for layer, slots, xs, runs in plan:
-                tokens = np.asarray(update.expert_tokens[layer], dtype=np.float64)  # [M_t]
-                weights = sums.row_weights(tokens) if by_tokens else [samples] * len(slots)
-                sums.add_layer(layer, xs, runs, rows=by_tokens)
-                counts.append((layer, slots, weights, tokens.tolist()))
-            for p in self.space.head:  # the head is one block weighted by samples in both modes
-                sums.add_whole(p.name, params[p.name])
+            row_weights = sums.row_weights(tokens) if by_tokens else None
+            sums.add_update(plan, arrays, rows=by_tokens, f32=f32)
             sums.commit()
         except ValueError as err:
             if not self.config.exact:
-                raise  # SlotSums refuses nothing _plan let through: a bug, not a bad update
+                raise  # SlotSums refuses nothing _checked let through: a bug, not a bad update
             sums.discard()  # ExactSums staged the update and refused a value out of its range
             raise UpdateRejected(str(err)) from None
         if norm is not None:
             self._norms.append(norm)
             self._clipped += clipped
-        for layer, slots, weights, tokens in counts:
-            den, routed = self._den[layer], self._tokens[layer]
-            for g, w, t in zip(slots, weights, tokens):
-                den[g] += w
-                routed[g] += t
+        self._tally.add(plan, samples, tokens, row_weights)
         self._head_den += samples
         self._clients += 1
         self._samples += int(update.num_samples)
-        self._bytes += sum(a.nbytes for a in update.params.values())
+        if f32 and len(update.params) == len(plan.names):
+            self._bytes += plan.nbytes32
+        else:
+            self._bytes += sum(a.nbytes for a in update.params.values())
 
     def partial(self) -> RoundPartial:
         """This process's share of the round so far, for a coordinator's `merge` (exact sums only)."""
         if not self.config.exact:
             raise RuntimeError("partial sums merge exactly only with AggregationConfig(exact=True)")
-        return RoundPartial(self._sums.partial(), {k: list(v) for k, v in self._den.items()},
-                            {k: list(v) for k, v in self._tokens.items()}, self._head_den, self._clients,
+        return RoundPartial(self._sums.partial(), {k: v.tolist() for k, v in self._tally.weights().items()},
+                            {k: v.tolist() for k, v in self._tally.tokens().items()}, self._head_den, self._clients,
                             self._samples, self._bytes, self._clipped, list(self._norms))
 
     def merge(self, part: RoundPartial) -> None:
@@ -289,12 +280,8 @@ class FftMoeStrategy(Strategy):
         are exact too)."""
         if self._global is None or not self.config.exact:
             raise RuntimeError("merge() needs begin_round() and AggregationConfig(exact=True)")
-        if {k: len(v) for k, v in part.den.items()} != {k: len(v) for k, v in self._den.items()}:
-            raise ValueError("partial sums cover other layers or experts than this strategy")
+        self._tally.merge(part.den, part.tokens)  # checks the layers and experts first
         self._sums.merge(part.sums)
-        for mine, theirs in ((self._den, part.den), (self._tokens, part.tokens)):
-            for layer, values in theirs.items():
-                mine[layer][:] = [a + b for a, b in zip(mine[layer], values)]
         self._head_den += part.head_den
         self._clients += part.clients
         self._samples += part.samples
@@ -302,27 +289,28 @@ class FftMoeStrategy(Strategy):
         self._clipped += part.clipped
         self._norms += part.norms
 
-    def _plan(self, update: ClientUpdate) -> list[tuple[int, Sequence[int], list[np.ndarray], tuple]]:
-        """(layer, slots, arrays to merge, slot runs) per layer, after the structural checks that keep a
-        malformed update from half-folding the round (values are `validate_update`'s job)."""
-        plan, params, sums = [], update.params, self._sums
+    def _checked(self, update: ClientUpdate) -> tuple[FoldPlan, list[np.ndarray], np.ndarray]:
+        """(plan, the arrays it names, routed tokens [S] layer after layer) after the structural checks that
+        keep a malformed update from half-folding the round (values are `validate_update`'s job)."""
+        key = plan_key(update.slot_map)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = build_plan(key, *self._plan_parts)
         try:
-            for layer, slots in update.slot_map.items():
-                xs = [params[n] for n in self._names[layer]]
-                runs = sums.runs(slots)  # None: empty, or a slot outside [0, M)
-                if (runs is None or len(update.expert_tokens[layer]) != len(slots)
-                        or [x.shape for x in xs] != sums.layer_shapes(layer, len(slots))
-                        or self._unmerged[layer] and any(params[n].shape != (len(slots), *t)
-                                                         for n, t in self._unmerged[layer])):
-                    raise ValueError(f"layer {layer}: slot map, tokens and arrays disagree on the slots")
-                plan.append((layer, slots, xs, runs))
-            for p in self.space.head:
-                if params[p.name].shape != p.shape:
-                    raise ValueError(f"{p.name!r}: shape {params[p.name].shape}, expected {p.shape}")
+            arrays = [update.params[n] for n in plan.names]
+            counts = [update.expert_tokens[layer] for layer, _ in key]
         except KeyError as err:
             raise ValueError(f"update from {update.device_id!r} does not fit the parameter space: "
                              f"no {err}") from None
-        return plan
+        if [x.shape for x in arrays] != plan.shapes:
+            name, shape, expected = next((n, x.shape, s) for n, x, s in zip(plan.names, arrays, plan.shapes)
+                                         if x.shape != s)
+            raise ValueError(f"{name!r}: shape {shape}, expected {expected} for the update's slot map")
+        if [len(c) for c in counts] != plan.token_lens:
+            raise ValueError("the routed tokens and the slot map disagree on the slots")
+        return plan, arrays, np.concatenate(counts).astype(np.float64, copy=False)
 
     def finish(self) -> tuple[dict[str, np.ndarray], RoundStats]:
         if self._global is None:
@@ -346,8 +334,9 @@ class FftMoeStrategy(Strategy):
             new[p.name] = x.astype(self._global[p.name].dtype)
         share, entropy = {}, {}
         decay = self.config.usage_decay
-        for layer, routed in self._tokens.items():
-            counts = np.array(routed)  # [M]
+        den = self._tally.weights()
+        for layer, routed in self._tally.tokens().items():
+            counts = routed.copy()  # [M]
             total = counts.sum()
             if total > 0:  # a layer nobody routed through keeps its usage
                 share[layer] = counts / total  # [M]
@@ -355,7 +344,7 @@ class FftMoeStrategy(Strategy):
                 self.usage[layer] = decay * self.usage[layer] + (1 - decay) * share[layer]
         if self._norms:
             self._prev_median = float(np.median(self._norms))
-        held = {layer: sum(d > 0 for d in den) for layer, den in self._den.items()}
+        held = {layer: int(np.sum(d > 0)) for layer, d in den.items()}
         stats = RoundStats(round=self.rounds, clients=self._clients, samples=self._samples,
                            bytes_folded=self._bytes, held_experts=held,
                            usage_share=share, usage_entropy=entropy, pseudo_grad_norm=math.sqrt(sq),
@@ -369,14 +358,14 @@ class FftMoeStrategy(Strategy):
             return np.array(self._head_den > 0)
         if p.name not in self._names[p.layer]:
             return None  # personalised router: never aggregated
-        return np.array(self._den[p.layer]) > 0
+        return self._tally.weights()[p.layer] > 0
 
     def _aggregate(self, p: ParamEntry, held: np.ndarray) -> np.ndarray:
         if p.slot_axis is None:
             return self._sums.total(p.name) / self._head_den
         agg = np.zeros(p.shape)
         acc = self._sums.total(p.name)  # float64 [M, ...]
-        den = np.array(self._den[p.layer]).reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
+        den = self._tally.weights()[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
         agg[held] = acc[held] / den[held]
         return agg
 

@@ -19,7 +19,7 @@ caller rejects the update): |x| < 2^VALUE_BITS, weights integers in [0, 2^21), a
 weights summing to less than 2^31 per block (2^(63 - VALUE_BITS - FRACTION_BITS)). Error per term:
 the float32 rounding of w x (relative 2^-24) plus half a grid step (2^-25 w absolute), so the
 average is within float32 precision of the exact one (test: < 3e-8 absolute at |x| ~ 0.02).
-An update is folded in two steps: `add_layer` / `add_whole` check it and compute its integer terms
+An update is folded in two steps: `add_update` checks it and computes its integer terms
 into preallocated scratch (O(model), not O(clients)) and `commit` adds them, so a refused update
 leaves no trace.
 
@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from broker_server.accumulate import Run, checked_runs
+from broker_server.accumulate import Run
 
 FRACTION_BITS = 24  # grid step of x: 2^-24 (times the weight)
 VALUE_BITS = 8  # |x| < 256; adapter weights and biases are O(1)
@@ -51,8 +51,8 @@ class ExactSums:
     """sum_n w_n x_n as int64 fixed point; the interface of `accumulate.SlotSums` plus `commit`,
     `discard`, `partial` and `merge`.
 
-    layers: layer -> [(name, trailing shape)] in the order `add_layer` receives the arrays;
-    whole: name -> shape of the arrays `add_whole` adds in full (the head)."""
+    layers: layer -> [(name, trailing shape)] in the order a plan lists the arrays;
+    whole: name -> shape of the arrays added in full (the head)."""
 
     def __init__(self, experts: int, layers: Mapping[int, Sequence[tuple[str, tuple[int, ...]]]],
                  whole: Mapping[str, tuple[int, ...]]):
@@ -66,7 +66,7 @@ class ExactSums:
         self._weight_sum = {**{layer: np.zeros(experts, np.int64) for layer in self.layers},
                             **{name: np.zeros(1, np.int64) for name in whole}}
         self._w = 0
-        self._wrows = np.zeros(experts, np.int64)
+        self._wrows = np.zeros(experts * len(self.layers), np.int64)  # per-slot weights of one update
         self._staged: list[tuple] = []  # (name, rows, int64 terms) of the update being folded
         self._weights: list[tuple] = []  # (layer or whole name, rows, int64 weights) of that update
         # preallocated scratch (fresh arrays of this size would be mmap'd and page-faulted per update):
@@ -87,22 +87,26 @@ class ExactSums:
         self._w = _integer_weight(w, "num_samples")
         return float(self._w)
 
-    def row_weights(self, w: np.ndarray) -> list[float]:
-        """Per-row integer weights [M_t] for `add_layer(..., rows=True)` (routed tokens)."""
+    def row_weights(self, w: np.ndarray) -> np.ndarray:
+        """Per-slot integer weights [S] (routed tokens; the update's slots, layer after layer) for
+        `add_update(..., rows=True)`; returns them as float64."""
         values = [_integer_weight(v, "routed tokens") for v in np.asarray(w).tolist()]
         self._wrows[:len(values)] = values
-        return [float(v) for v in values]
+        return np.array(values, dtype=np.float64)
 
-    def runs(self, slots: Sequence[int]) -> tuple[Run, ...] | None:
-        return checked_runs(tuple(slots), self.experts)
+    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False) -> None:
+        """Stage w x for the plan's summed arrays (`fold_plan.FoldPlan`; the caller checked the shapes),
+        applied by `commit`. rows: layer slot i weighted by `row_weights`[i], else by `weight`; the head
+        always by `weight`. (f32 is SlotSums' fast-path hint; every dtype takes the same path here.)"""
+        for lp in plan.layers:
+            self._add_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
+        for name, x in zip(plan.head, arrays[plan.summed - len(plan.head):plan.summed]):
+            self._check_range(name, slice(None), np.array([self._w]))
+            self._staged.append((name, slice(None), self._stage(x, np.float32(self._w * _SCALE), name)))
 
-    def layer_shapes(self, layer: int, m_t: int) -> list[tuple[int, ...]]:
-        return [(m_t, *trail) for _, trail in self.layers[layer]]
-
-    def add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool = False) -> None:
-        """Stage w x for the layer's names into the rows the slot runs name (applied by `commit`)."""
+    def _add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool, row0: int) -> None:
         m_t = len(xs[0]) if xs else 0
-        weights = self._wrows[:m_t].copy() if rows else np.full(m_t, self._w, np.int64)
+        weights = self._wrows[row0:row0 + m_t].copy() if rows else np.full(m_t, self._w, np.int64)
         scale = weights.astype(np.float32) * np.float32(_SCALE)  # exact: w < 2^21 has < 24 bits
         pieces = [(slice(g0, g0 + hi - lo) if step == 1 else np.arange(g0, g0 + step * (hi - lo), step), lo, hi)
                   for lo, hi, g0, step in runs]
@@ -111,11 +115,6 @@ class ExactSums:
         for (name, _), x in zip(self.layers[layer], xs):
             terms = self._stage(x, scale.reshape(-1, *([1] * (x.ndim - 1))), name)
             self._staged += [(name, index, terms[lo:hi]) for index, lo, hi in pieces]
-
-    def add_whole(self, name: str, x: np.ndarray) -> None:
-        """Stage w x for a whole array (the head) under the update's weight."""
-        self._check_range(name, slice(None), np.array([self._w]))
-        self._staged.append((name, slice(None), self._stage(x, np.float32(self._w * _SCALE), name)))
 
     def commit(self) -> None:
         """Add the staged terms and weights of one update."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broker_server import aggregation, fold_plan
 from broker_server.accumulate import SPILL_EVERY, slot_runs
 from broker_server.aggregation import (AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, delta_norm,
                                        het_target)
@@ -367,6 +368,34 @@ def test_streaming_equals_batch_any_order_and_same_order_is_bit_identical(weight
         np.testing.assert_allclose(forward[name], expected[name], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(shuffled[name], forward[name], rtol=1e-6, atol=1e-7)
         assert forward[name].tobytes() == again[name].tobytes()
+
+
+@pytest.mark.parametrize("weighting", ["samples", "activation"])
+def test_more_distinct_slot_maps_than_kept_plans_changes_nothing(weighting, monkeypatch):
+    """Fold plans and the per-plan tallies are bounded caches: a round with more distinct slot maps than
+    they keep (here 3) gives the batch average and the same expert usage as if nothing were evicted."""
+    space = builtin_space(hidden=6, rank=3, experts=5, layers=3, classes=3)
+    rng = np.random.default_rng(3)
+    start = {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in space.entries}
+    updates = _random_updates(space, 40, seed=5)
+    assert len({tuple((k, tuple(v)) for k, v in u.slot_map.items()) for u in updates}) > 20
+    cfg = AggregationConfig(weighting=weighting)
+    roomy, roomy_stats = run(space, cfg, updates, start)
+    monkeypatch.setattr(fold_plan, "MAX_PLANS", 3)
+    monkeypatch.setattr(aggregation, "MAX_PLANS", 3)
+    tight, tight_stats = run(space, cfg, updates, start)
+    expected = _batch_average(space, start, updates, weighting)
+    for name in expected:
+        np.testing.assert_allclose(tight[name], expected[name], rtol=1e-6, atol=1e-7)
+        assert tight[name].tobytes() == roomy[name].tobytes()
+    for layer in space.layers:
+        routed = np.zeros(space.experts)
+        for u in updates:
+            if layer in u.slot_map:
+                routed[u.slot_map[layer]] += u.expert_tokens[layer]
+        np.testing.assert_allclose(tight_stats.usage_share[layer], routed / routed.sum(), rtol=1e-12)
+        np.testing.assert_array_equal(tight_stats.usage_share[layer], roomy_stats.usage_share[layer])
+    assert tight_stats.held_experts == roomy_stats.held_experts
 
 
 @pytest.mark.parametrize("slots", [[0, 1, 2, 3], [6, 7, 0, 1], [3, 2, 1, 0], [1, 3, 5, 7], [5, 1, 3], [4],
