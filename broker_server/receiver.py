@@ -6,10 +6,20 @@ current round per device (the size limit and the round's byte totals), and queue
 for the main thread. It decides nothing else: validation, folding and round logic stay on the main
 thread.
 
-Backpressure: the connection runs with manual acknowledgements (`MqttConnection(manual_ack=True)`).
-A queued message is acknowledged by the main thread once it has dealt with it; everything else
-(a chunk that does not complete a message, a rejected payload) at once. The broker therefore sends
-at most its in-flight window beyond what the main thread has finished, and queues the rest itself.
+Backpressure, in two layers:
+- The connection runs with manual acknowledgements (`MqttConnection(manual_ack=True)`). A queued
+  message is acknowledged by the main thread once it has dealt with it; everything else (a chunk
+  that does not complete a message, a rejected payload) at once. A broker that keeps its in-flight
+  window then sends at most that window beyond what the main thread has finished.
+- mosquitto 2.0.11 (Debian's) does not keep it once acknowledgements flow: a consumer acking after
+  3 ms each received 379 of 400 messages unacknowledged, under MQTT 3.1.1 and under MQTT 5 with
+  Receive Maximum 20 alike (eclipse-mosquitto/mosquitto#2301). So the inbox is bounded here too:
+  with `max_queued` messages not yet dealt with, the network thread waits before queueing the next
+  one, stops reading the socket, and TCP pushes the backlog back to the broker.
+  Two exceptions keep that wait from deadlocking or dropping the connection: while the main thread
+  itself waits for the broker's acknowledgement of a publish (`busy()`), which only this network
+  thread can read, messages are queued without waiting; and no message waits longer than
+  `max_wait_s`, so keep-alive pings still go out while the main thread is away (evaluation).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from edge_runtime import wire
@@ -27,8 +38,17 @@ log = logging.getLogger("fftmoe.receiver")
 class UploadReceiver:
     """`receiver(topic, payload, ack)` as the MQTT callback; `inbox` yields `(message, ack)`."""
 
-    def __init__(self, current_round: Callable[[], int | None]):
+    def __init__(self, current_round: Callable[[], int | None], max_queued: int = 32,
+                 busy: Callable[[], bool] = lambda: False, max_wait_s: float = 5.0):
+        """max_queued: messages queued but not yet acknowledged before the network thread waits (module
+        docstring); busy: True while the main thread waits on the connection (`MqttConnection.awaiting_acks`)."""
+        if max_queued < 1:
+            raise ValueError("max_queued must be >= 1")
         self.inbox: queue.Queue = queue.Queue()
+        self.max_queued, self._busy, self._max_wait_s = max_queued, busy, max_wait_s
+        self._room = threading.Condition()
+        self._unfinished = 0  # queued and not yet acknowledged by the main thread
+        self.overflows = 0  # messages queued past max_queued (busy main thread, or max_wait_s passed)
         self._current_round = current_round
         self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
         self._bytes: dict[tuple[str, int], int] = {}
@@ -46,7 +66,8 @@ class UploadReceiver:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
-                self.inbox.put((message, ack))
+                self._wait_for_room()
+                self.inbox.put((message, self._finishing(ack)))
                 queued = True
         except wire.WireError as err:
             self.rejected += 1
@@ -54,6 +75,41 @@ class UploadReceiver:
         finally:
             if not queued:
                 ack()
+
+    def _wait_for_room(self) -> None:
+        """Block the network thread while `max_queued` messages are unfinished (module docstring)."""
+        deadline = None
+        with self._room:
+            while self._unfinished >= self.max_queued:
+                if self._busy():
+                    self.overflows += 1
+                    break
+                now = time.monotonic()
+                deadline = deadline or now + self._max_wait_s
+                if now >= deadline:
+                    self.overflows += 1
+                    log.debug("inbox full for %.1f s; queueing past %d", self._max_wait_s, self.max_queued)
+                    break
+                self._room.wait(timeout=min(0.05, deadline - now))  # re-check busy() often
+            self._unfinished += 1
+
+    def _finishing(self, ack: Callable[[], None]) -> Callable[[], None]:
+        """`ack` that also frees the message's place in the inbox, once however often it is called."""
+        done = []
+
+        def finish() -> None:
+            ack()
+            if not done:
+                done.append(True)
+                with self._room:
+                    self._unfinished -= 1
+                    self._room.notify()
+        return finish
+
+    @property
+    def unfinished(self) -> int:
+        """Messages queued and not yet acknowledged by the main thread."""
+        return self._unfinished
 
     def take_bytes(self, device_id: str, round_: int) -> int:
         """The bytes a device uploaded for `round_` so far; the counter restarts."""

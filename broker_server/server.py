@@ -83,7 +83,8 @@ class AggregationServer:
         self.strategy, self.space = self.method.strategy, self.method.space
         self.state = self._initial_state()
         self.devices: dict[str, Device] = {}
-        self.receiver = UploadReceiver(lambda: self.state.round)  # the MQTT network thread's part
+        self.receiver = UploadReceiver(lambda: self.state.round,  # the MQTT network thread's part
+                                       busy=lambda: self.connection.awaiting_acks)
         self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self._folded = 0  # updates folded in the current round: their order in the audit log

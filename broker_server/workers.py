@@ -114,7 +114,8 @@ class AggregatorWorker:
                  chunk_size: int = 256 * 1024):
         self.worker_id, self.federation, self.manifest = wire.validate_id(worker_id, "worker id"), federation, manifest
         self.chunk_size = chunk_size
-        self.receiver = UploadReceiver(lambda: self._round.round if self._round is not None else None)
+        self.receiver = UploadReceiver(lambda: self._round.round if self._round is not None else None,
+                                       busy=lambda: self.connection.awaiting_acks)
         self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self.peak_inbox = 0  # the deepest backlog of received, not yet handled messages (benchmarks)

@@ -88,6 +88,8 @@ class MqttConnection:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.connects = 0  # successful connections so far (tests and logs)
+        self._awaiting = 0  # threads inside publish_chunks' wait for acknowledgements
+        self._awaiting_lock = threading.Lock()
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True,
                              protocol=paho.MQTTv311, reconnect_on_failure=False, manual_ack=manual_ack)
         if config.username is not None:
@@ -225,12 +227,24 @@ class MqttConnection:
             if info.rc not in (paho.MQTT_ERR_SUCCESS,):
                 return False
             infos.append(info)
-        for info in infos:
-            while not info.is_published():
-                if not self._connected.is_set() or time.monotonic() > deadline or self._stopping.is_set():
-                    return False
-                info.wait_for_publish(timeout=0.1)
+        with self._awaiting_lock:
+            self._awaiting += 1
+        try:
+            for info in infos:
+                while not info.is_published():
+                    if not self._connected.is_set() or time.monotonic() > deadline or self._stopping.is_set():
+                        return False
+                    info.wait_for_publish(timeout=0.1)
+        finally:
+            with self._awaiting_lock:
+                self._awaiting -= 1
         return True
+
+    @property
+    def awaiting_acks(self) -> bool:
+        """True while a thread waits in `publish_chunks` for acknowledgements, which only the network
+        thread can read: an on_message callback must not block then (broker_server/receiver.py)."""
+        return self._awaiting > 0
 
     def stop(self, final: tuple[str, bytes, int, bool] | None = None) -> None:
         """Optionally publish a last message (e.g. an offline presence), then disconnect."""
