@@ -316,21 +316,22 @@ class FftMoeStrategy(Strategy):
         if self._global is None:
             raise RuntimeError("finish() before begin_round()")
         new, sq = {}, 0.0
+        weights = self._tally.weights()
         for p in self.space.entries:
-            x = self._global[p.name].astype(np.float64)
-            held = self._held(p)  # [M] bool, or a 0-d bool for the head
-            if held is None or not held.any():
+            rows = self._held_rows(p, weights)
+            if rows is None:
                 new[p.name] = self._global[p.name].copy()
                 continue
-            agg = self._aggregate(p, held)[held]  # float64 [held rows, ...] (the head: [1, ...])
-            delta = agg - x[held]  # the pseudo-gradient
+            agg = self._aggregate(p, rows, weights)  # float64 [held rows, ...]
+            x = self._global[p.name].astype(np.float64)
+            delta = agg - x[rows]  # the pseudo-gradient
             sq += float(np.sum(delta * delta))
             if self.config.optimizer == "fedadam":
-                x[held] = self._adam(p.name, x[held], delta, held)
+                x[rows] = self._adam(p.name, x[rows], delta, rows)
             elif p.name.endswith(".router") and self.config.router_lr != 1:
-                x[held] += self.config.router_lr * delta  # a damped router step (0: the global gate stays put)
+                x[rows] += self.config.router_lr * delta  # a damped router step (0: the global gate stays put)
             else:
-                x[held] = agg
+                x[rows] = agg
             new[p.name] = x.astype(self._global[p.name].dtype)
         share, entropy = {}, {}
         decay = self.config.usage_decay
@@ -353,21 +354,25 @@ class FftMoeStrategy(Strategy):
         self._global = None
         return new, stats
 
-    def _held(self, p: ParamEntry) -> np.ndarray | None:
+    def _held_rows(self, p: ParamEntry, weights: Mapping[int, np.ndarray]) -> slice | np.ndarray | None:
+        """The rows of `p` someone held this round: all of them as a slice (a view, where a boolean mask
+        would copy: finish() went from 6.4 to N ms), a boolean mask [M], or None for none."""
         if p.slot_axis is None:
-            return np.array(self._head_den > 0)
+            return slice(None) if self._head_den > 0 else None
         if p.name not in self._names[p.layer]:
             return None  # personalised router: never aggregated
-        return self._tally.weights()[p.layer] > 0
+        held = weights[p.layer] > 0
+        return slice(None) if held.all() else held if held.any() else None
 
-    def _aggregate(self, p: ParamEntry, held: np.ndarray) -> np.ndarray:
+    def _aggregate(self, p: ParamEntry, rows: slice | np.ndarray, weights: Mapping[int, np.ndarray]) -> np.ndarray:
+        """The weighted average of the held rows (the head: the whole array), float64."""
+        total = self._sums.total(p.name)  # float64 [M, ...], a new array
         if p.slot_axis is None:
-            return self._sums.total(p.name) / self._head_den
-        agg = np.zeros(p.shape)
-        acc = self._sums.total(p.name)  # float64 [M, ...]
-        den = self._tally.weights()[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
-        agg[held] = acc[held] / den[held]
-        return agg
+            return np.divide(total, self._head_den, out=total)
+        den = weights[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
+        if isinstance(rows, slice):
+            return np.divide(total, den, out=total)
+        return total[rows] / den[rows]
 
     def _adam(self, name: str, x: np.ndarray, delta: np.ndarray, held: np.ndarray) -> np.ndarray:
         """FedAdam on the held blocks: m <- b1 m + (1-b1) d; v <- b2 v + (1-b2) d^2;

@@ -19,7 +19,7 @@ Not here: the sums of parameter values (accumulate.py, exact_sums.py) and the va
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -56,6 +56,7 @@ class FoldPlan:
     token_lens: list[int]  # slots per layer, the length each layer's routed tokens must have
     index: np.ndarray  # [slots over all layers] layer position * M + global expert, all distinct
     nbytes32: int  # the update's bytes when every array is float32 and it holds nothing else
+    calls: dict = field(default_factory=dict)  # the sums' precomputed calls for this plan (SlotSums._calls)
 
 
 def build_plan(key: PlanKey, summed: Mapping[int, Sequence[tuple[str, tuple[int, ...]]]],
