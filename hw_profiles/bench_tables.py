@@ -22,7 +22,8 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "router-lr0": ["--router-lr", "0"],
              "personal-router-avg": ["--personalise-router", "--serve-averaged-router"],
              "fedadam": ["--server-optimizer", "fedadam", "--server-lr", "0.03"],
-             "coverage-slots": ["--slot-keep", "0"]}
+             "coverage-slots": ["--slot-keep", "0"],
+             "coverage-personal": ["--slot-keep", "0", "--personalise-router"]}
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
 
@@ -31,7 +32,8 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "router-lr0": "global router rows not averaged (server router step 0)",
                  "personal-router-avg": "router rows kept on the device; the served model averages them",
                  "fedadam": "server optimiser FedAdam (eta 0.03, tau 1e-3)",
-                 "coverage-slots": "no expert kept across rounds: all slots to the least-used experts"}
+                 "coverage-slots": "no expert kept across rounds: all slots to the least-used experts",
+                 "coverage-personal": "coverage-slots and router rows kept on the device"}
 
 
 def _order(partition: str, name: str) -> tuple:
