@@ -23,15 +23,22 @@ multiply-add ufunc, so a numpy fold is two calls per array, `multiply(x, w, out=
 tmp, out=acc)`, two streams over memory where a copy makes one: the bench's floor column times
 exactly that, 38-46%, and with slot routing, checks and denominators it was 29-34% (26-29% with
 per-row token weights). BLAS saxpy (y <- a x + y) is that fused kernel: one call, one pass; alone
-it ran at 71% (196 KB) to 88% (2.5 MB) of the copy on one thread. The merge now measures 50-53%
-(100 and 1,000 clients; 44-49% at 10, where first-use caches dominate) and 40-42% with per-row
-weights. What it took (each step measured on the 1,000-client run):
+it ran at 71% (196 KB) to 88% (2.5 MB) of the copy on one thread. The merge now measures 50-54%
+at 10 clients, 54-55% at 100 and 58-60% at 1,000 (three runs), and 38-49% with per-row weights.
+What it took (each step measured on the 1,000-client run unless said):
 - saxpy with keyword arguments on sliced views: 38%; the call is cheap (0.12-0.18 us against 0.46
   for numpy's multiply + add), but a slice and a reshape per call cost as much as the call;
 - the calls precomputed per slot map (flat accumulator views cached) and x passed whole with an
   offset, positional arguments: 50-52%;
 - OpenBLAS threads: a threaded saxpy measured 36% against 44% on one thread at these sizes, so
-  a process's first `SlotSums` limits BLAS to one thread (`_one_blas_thread`).
+  a process's first `SlotSums` limits BLAS to one thread (`_one_blas_thread`);
+- everything that depends only on the slot map worked out once per map (broker_server/fold_plan.py:
+  checks, calls, per-expert tallies), leaving the Python around the calls at ~5 us per update
+  (was 9 for a nano update, 26 for a large one): 58-64%, 10 clients 47-53%;
+- 10 clients are a round start every 10 updates, and what ran before a round evicts what its first
+  folds read (a fold right after finish() took 47 us, after only begin_round() 17, for the same
+  update): finish() without boolean-mask copies (6.4 -> 1.6-2.4 ms) and the float64 sums neither
+  zeroed per round nor read unless a spill wrote them: 50-54%.
 Earlier numpy-only variants, for the record: a float64 accumulator (widening copy, multiply, add)
 19%; cache blocking (scratch in L1) 20-30%, each block two more calls that restart the prefetcher;
 adding x unweighted then (w - 1) x from cache 35% at best. The spill costs ~4% of merge time.
