@@ -158,6 +158,7 @@ class CoordinatorServer(AggregationServer):
                 return None
             if closed:
                 break
+        self._release()  # the last partial: acknowledge it now, not after the merge and evaluation
         for device_id, task in self._open.items():
             outcome.devices[device_id]["bytes_down"] = task.bytes_down
         outcome.bytes_down = sum(t.bytes_down for t in self._open.values())

@@ -8,8 +8,9 @@ thread.
 
 Backpressure, in two layers:
 - The connection runs with manual acknowledgements (`MqttConnection(manual_ack=True)`). A queued
-  message is acknowledged by the main thread once it has dealt with it; everything else (a chunk
-  that does not complete a message, a rejected payload) at once. A broker that keeps its in-flight
+  update (or worker partial, `HELD`) is acknowledged by the main thread once it has dealt with it;
+  everything else (control messages, a chunk that does not complete a message, a rejected payload)
+  at once. A broker that keeps its in-flight
   window then sends at most that window beyond what the main thread has finished.
 - mosquitto 2.0.11 (Debian's) does not keep it once acknowledgements flow: a consumer acking after
   3 ms each received 379 of 400 messages unacknowledged, under MQTT 3.1.1 and under MQTT 5 with
@@ -33,6 +34,15 @@ from collections.abc import Callable
 from edge_runtime import wire
 
 log = logging.getLogger("fftmoe.receiver")
+
+# Acknowledged to the broker only once the main thread has dealt with them: the bulky messages, whose
+# backlog the broker should keep. Everything else is acknowledged on arrival (a broker may also give
+# up waiting: amqtt logs an error after 5 s, e.g. for a heartbeat queued during an evaluation).
+HELD = (wire.Update, wire.WorkerPartial)
+
+
+def _nothing() -> None:
+    pass
 
 
 class UploadReceiver:
@@ -66,6 +76,9 @@ class UploadReceiver:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
+                if not isinstance(message, HELD):
+                    ack()  # small control messages: the broker need not keep them, nor wait for the main thread
+                    ack = _nothing
                 self._wait_for_room()
                 self.inbox.put((message, self._finishing(ack)))
                 queued = True
@@ -98,9 +111,9 @@ class UploadReceiver:
         done = []
 
         def finish() -> None:
-            ack()
             if not done:
                 done.append(True)
+                ack()
                 with self._room:
                     self._unfinished -= 1
                     self._room.notify()

@@ -145,10 +145,15 @@ class AggregationServer:
             self.connection.stop()
         return 0
 
-    def _drain(self, timeout: float) -> wire.Message | None:
-        if self._ack is not None:  # the caller is done with the previous message
+    def _release(self) -> None:
+        """Acknowledge the message `_drain` returned last: the caller is done with it. (A broker waits
+        for the acknowledgement; amqtt gives up after a while and logs an error.)"""
+        if self._ack is not None:
             self._ack()
             self._ack = None
+
+    def _drain(self, timeout: float) -> wire.Message | None:
+        self._release()  # the caller is done with the previous message
         try:
             message, self._ack = self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -258,6 +263,7 @@ class AggregationServer:
             device_id = getattr(message, "device_id", None)
             if device_id in waiting and open_tasks[device_id].answered:
                 del waiting[device_id]
+        self._release()  # the round's last message: acknowledge it now, not after finish and evaluation
         for device_id, reason in outcome.failed.items():
             outcome.devices[device_id]["status"] = "missed" if reason == "went offline" else "failed"
         for device_id, task in open_tasks.items():

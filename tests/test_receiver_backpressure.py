@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from broker_server.receiver import UploadReceiver
@@ -33,23 +34,27 @@ def _connection(broker, client_id, subscriptions, on_message, manual_ack=False) 
     return conn
 
 
-def _publish_presences(broker, count: int) -> MqttConnection:
-    """`count` small device messages, QoS 1, as fast as the broker takes them."""
+def _update(device: str) -> wire.Update:
+    return wire.Update(device_id=device, round=0, tier="nano", params={"w": np.ones((4, 8), np.float32)},
+                       expert_tokens={"0": [3, 1]}, num_samples=8)
+
+
+def _publish_updates(broker, count: int) -> MqttConnection:
+    """`count` small device updates, QoS 1, as fast as the broker takes them."""
     devices = _connection(broker, "publisher", [], lambda *_: None)
     for i in range(count):
-        payload = wire.encode(wire.Presence(device_id=f"d{i}", online=True, timestamp=0.0))[0]
-        devices.publish_nowait(wire.presence_topic(FED, f"d{i}"), [payload])
+        devices.publish_nowait(wire.upload_topic(FED, f"d{i}", 0), wire.encode(_update(f"d{i}")))
     return devices
 
 
 def _aggregator(broker, receiver) -> MqttConnection:
-    return _connection(broker, "aggregator", [(wire.presence_subscription(FED), 1)], receiver, manual_ack=True)
+    return _connection(broker, "aggregator", [(wire.upload_subscription(FED), 1)], receiver, manual_ack=True)
 
 
 def test_a_slow_consumer_holds_at_most_max_queued_messages(broker):
     receiver = UploadReceiver(lambda: 0, max_queued=8)
     aggregator = _aggregator(broker, receiver)
-    devices = _publish_presences(broker, MESSAGES)
+    devices = _publish_updates(broker, MESSAGES)
     seen, deepest = set(), 0
     try:
         while len(seen) < MESSAGES:
@@ -69,7 +74,7 @@ def test_without_the_bound_the_broker_floods_the_inbox(broker):
     """Why the bound exists: mosquitto 2.0 sends far past its window of 20 while acks trickle back."""
     receiver = UploadReceiver(lambda: 0, max_queued=10_000)
     aggregator = _aggregator(broker, receiver)
-    devices = _publish_presences(broker, MESSAGES)
+    devices = _publish_updates(broker, MESSAGES)
     deepest, got = 0, 0
     try:
         while got < MESSAGES:
@@ -91,7 +96,7 @@ def test_publishing_from_the_main_thread_with_a_full_inbox_does_not_deadlock(bro
     receiver = UploadReceiver(lambda: 0, max_queued=2, busy=lambda: connection[0].awaiting_acks, max_wait_s=60)
     aggregator = _aggregator(broker, receiver)
     connection.append(aggregator)
-    devices = _publish_presences(broker, 40)
+    devices = _publish_updates(broker, 40)
     try:
         deadline = time.monotonic() + 20
         while receiver.unfinished < 2 and time.monotonic() < deadline:
@@ -115,15 +120,27 @@ def test_publishing_from_the_main_thread_with_a_full_inbox_does_not_deadlock(bro
         aggregator.stop()
 
 
+def test_updates_wait_for_the_main_thread_control_messages_are_acknowledged_on_arrival():
+    receiver, acked = UploadReceiver(lambda: 0), []
+    receiver(wire.upload_topic(FED, "d1", 0), wire.encode(_update("d1"))[0], lambda: acked.append("update"))
+    presence = wire.Presence(device_id="d2", online=True, timestamp=0.0)
+    receiver(wire.presence_topic(FED, "d2"), wire.encode(presence)[0], lambda: acked.append("presence"))
+    assert acked == ["presence"] and receiver.unfinished == 2  # both still count against the bound
+    for _ in range(2):
+        _, finish = receiver.inbox.get_nowait()
+        finish()
+        finish()  # a second call changes nothing
+    assert acked == ["presence", "update"] and receiver.unfinished == 0
+
+
 def test_a_long_absent_main_thread_delays_messages_by_max_wait_s_at_most():
     receiver = UploadReceiver(lambda: 0, max_queued=1, max_wait_s=0.2)
-    message = wire.Presence(device_id="d1", online=True, timestamp=0.0)
-    topic = wire.presence_topic(FED, "d1")
-    receiver(topic, wire.encode(message)[0], lambda: None)
+    topic = wire.upload_topic(FED, "d1", 0)
+    receiver(topic, wire.encode(_update("d1"))[0], lambda: None)
     waited = threading.Event()
 
     def second():
-        receiver(topic, wire.encode(message)[0], lambda: None)
+        receiver(topic, wire.encode(_update("d1"))[0], lambda: None)
         waited.set()
     started = time.monotonic()
     threading.Thread(target=second, daemon=True).start()
