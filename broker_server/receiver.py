@@ -35,9 +35,10 @@ from edge_runtime import wire
 
 log = logging.getLogger("fftmoe.receiver")
 
-# Acknowledged to the broker only once the main thread has dealt with them: the bulky messages, whose
-# backlog the broker should keep. Everything else is acknowledged on arrival (a broker may also give
-# up waiting: amqtt logs an error after 5 s, e.g. for a heartbeat queued during an evaluation).
+# Acknowledged to the broker only once the main thread has dealt with them, while it collects a round
+# (`UploadReceiver.holding`): the bulky messages, whose backlog the broker should keep then. Everything
+# else, and these between rounds (stragglers, repeats), is acknowledged on arrival: a broker gives up
+# waiting (amqtt logs an error after 5 s), and the main thread may be evaluating for longer.
 HELD = (wire.Update, wire.WorkerPartial)
 
 
@@ -59,6 +60,7 @@ class UploadReceiver:
         self._room = threading.Condition()
         self._unfinished = 0  # queued and not yet acknowledged by the main thread
         self.overflows = 0  # messages queued past max_queued (busy main thread, or max_wait_s passed)
+        self.holding = True  # HELD messages wait for the main thread's ack (the server: while it collects)
         self._current_round = current_round
         self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
         self._bytes: dict[tuple[str, int], int] = {}
@@ -76,8 +78,8 @@ class UploadReceiver:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
-                if not isinstance(message, HELD):
-                    ack()  # small control messages: the broker need not keep them, nor wait for the main thread
+                if not (self.holding and isinstance(message, HELD)):
+                    ack()  # the broker need not keep it, nor wait for the main thread (HELD)
                     ack = _nothing
                 self._wait_for_room()
                 self.inbox.put((message, self._finishing(ack)))

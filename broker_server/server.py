@@ -85,6 +85,7 @@ class AggregationServer:
         self.devices: dict[str, Device] = {}
         self.receiver = UploadReceiver(lambda: self.state.round,  # the MQTT network thread's part
                                        busy=lambda: self.connection.awaiting_acks)
+        self.receiver.holding = False  # set while a round is collected
         self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self._folded = 0  # updates folded in the current round: their order in the audit log
@@ -188,11 +189,15 @@ class AggregationServer:
         round_ = self.state.round
         excluded: set[str] = set()
         for attempt in range(1, cfg.max_attempts + 1):
-            while not self._stop.is_set() and len(set(self._online()) - excluded) < max(cfg.min_devices, 1):
+            while not self._stop.is_set() and len(self._online()) < max(cfg.min_devices, 1):
                 self._drain(timeout=0.5)
             if self._stop.is_set():
                 return
             eligible = [d for d in self._online() if d not in excluded]
+            if len(eligible) < max(cfg.min_devices, 1):
+                # too few besides those that failed this round: they try again (they are back online).
+                # Waiting for fresh devices instead hung the round for good (tests/test_soak.py).
+                eligible = self._online()
             count = min(len(eligible), max(cfg.min_participants, math.ceil(cfg.fraction * len(eligible))))
             participants = sorted(self._rng.sample(eligible, count))
             started = time.perf_counter()
@@ -226,6 +231,7 @@ class AggregationServer:
         if self.config.audit_log:
             audit.start_round(self.store.folder, round_)
         self.receiver.keep_round(round_)
+        self.receiver.holding = True  # uploads wait for their fold: backpressure (broker_server/receiver.py)
         open_tasks: dict[str, OpenTask] = {}
         for device_id in participants:
             task, slot_map = self._task(round_, self.devices[device_id])
@@ -263,6 +269,7 @@ class AggregationServer:
             device_id = getattr(message, "device_id", None)
             if device_id in waiting and open_tasks[device_id].answered:
                 del waiting[device_id]
+        self.receiver.holding = False  # until the next round: late uploads must not wait for the evaluation
         self._release()  # the round's last message: acknowledge it now, not after finish and evaluation
         for device_id, reason in outcome.failed.items():
             outcome.devices[device_id]["status"] = "missed" if reason == "went offline" else "failed"

@@ -20,9 +20,11 @@ from edge_runtime.mqtt import BrokerConfig, MqttConnection
 
 
 class FakeDevice:
-    def __init__(self, url: str, federation: str, device_id: str, tier: str, samples: int, delay_s: float = 0.0):
+    def __init__(self, url: str, federation: str, device_id: str, tier: str, samples: int, delay_s: float = 0.0,
+                 ignore_tasks: int = 0):
+        """ignore_tasks: leave the first tasks unanswered, as a device that lost them (a crash, a reboot)."""
         self.federation, self.device_id, self.tier, self.samples = federation, device_id, tier, samples
-        self.delay_s = delay_s
+        self.delay_s, self.ignore_tasks = delay_s, ignore_tasks
         self.tasks_seen = 0
         self._inbox: queue.Queue = queue.Queue()
         self._reassembler = wire.Reassembler()
@@ -73,6 +75,8 @@ class FakeDevice:
                 self._hello()
                 continue
             self.tasks_seen += 1
+            if self.tasks_seen <= self.ignore_tasks:
+                continue
             if self._stop.wait(self.delay_s):
                 return
             topic = wire.upload_topic(self.federation, self.device_id, task.round, task.upload_lane or None)

@@ -1,10 +1,12 @@
-"""Helpers to run a real federation in tests: a `fftmoe serve` process and `fftmoe device` processes."""
+"""Helpers to run a real federation in tests: a `fftmoe serve` process and `fftmoe device` processes, or
+an aggregation server in this process (to give it an evaluation, or to watch its logs)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +31,20 @@ def start_devices(url: str, manifest, folder: Path, tiers: list[str], extra: lis
                "--state-dir", str(folder / f"state-{i}"), "--threads", "1", *(extra or [])]
         processes.append(subprocess.Popen(cmd, stdout=open(folder / f"device-{i}.log", "a"), stderr=subprocess.STDOUT))
     return processes
+
+
+def serve_in_thread(manifest, url: str, state: Path, evaluate=None, **config):
+    """An `AggregationServer` on `url`, running in a daemon thread: (server, thread)."""
+    from broker_server.config import ServerConfig
+    from broker_server.server import AggregationServer
+    from broker_server.state import StateStore
+    from edge_runtime.mqtt import BrokerConfig
+
+    server = AggregationServer(ServerConfig(artifacts=str(manifest.root), state_dir=str(state), **config), manifest,
+                               StateStore(state), BrokerConfig.from_url(url), evaluate=evaluate)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    return server, thread
 
 
 def metrics(state: Path) -> list[dict]:

@@ -13,7 +13,10 @@ import pytest
 from broker_server.receiver import UploadReceiver
 from edge_runtime import wire
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
+from broker_server.embedded_broker import EmbeddedBroker
 from tests.brokers import Mosquitto
+from tests.fake_devices import start_fake_fleet
+from tests.federation import serve_in_thread
 
 FED = "bp"
 MESSAGES = 150
@@ -148,3 +151,22 @@ def test_a_long_absent_main_thread_delays_messages_by_max_wait_s_at_most():
     assert 0.15 < time.monotonic() - started < 2 and receiver.overflows == 1 and receiver.inbox.qsize() == 2
     with pytest.raises(ValueError, match="max_queued"):
         UploadReceiver(lambda: 0, max_queued=0)
+
+
+def test_a_slow_evaluation_leaves_nothing_unacknowledged_at_the_embedded_broker(tiny_export, tmp_path, caplog):
+    """amqtt waits 5 s for a PUBACK, then logs an error and gives the message up. The server used to
+    hold the round's last update unacknowledged through finish() and the evaluation: one traceback
+    per round in every `fftmoe run` log."""
+    def slow_evaluation(global_arrays):
+        time.sleep(6)
+        return {}
+
+    with EmbeddedBroker(port=0) as embedded:
+        devices = start_fake_fleet(embedded.url, "slow", ["small", "big"])
+        server, runner = serve_in_thread(tiny_export, embedded.url, tmp_path / "state", slow_evaluation,
+                                         federation="slow", rounds=2, min_devices=2, min_updates=2)
+        runner.join(timeout=90)
+        for device in devices:
+            device.stop()
+        assert not runner.is_alive() and server.state.round == 2
+    assert not [r.getMessage() for r in caplog.records if "PUBACK" in r.getMessage()]
