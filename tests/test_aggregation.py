@@ -281,6 +281,17 @@ def test_validation_detects_each_problem(problem):
     assert len(problems) == 1 and problem.strip() in problems[0], problems
 
 
+def test_huge_but_finite_values_are_not_called_nan_or_inf():
+    """The finiteness check's fast path (a dot product) overflows for |x| > ~1.8e19; it must not
+    turn that into a rejection, nor miss -Inf next to it."""
+    space, good, expected = _good()
+    huge = np.array([[[3e38], [-1e30]], [[0.0], [1.0]]], np.float32)
+    assert validate_update(_with(good, params=_params(good, W1, huge)), expected, space.experts) == []
+    huge[1, 0, 0] = -np.inf
+    problems = validate_update(_with(good, params=_params(good, W1, huge)), expected, space.experts)
+    assert len(problems) == 1 and "NaN or Inf" in problems[0]
+
+
 def test_float16_update_is_valid_and_folds():
     space, good, expected = _good()
     half = _with(good, params={n: a.astype(np.float16) for n, a in good.params.items()})
