@@ -36,7 +36,7 @@ class _Frame(NamedTuple):
     count: int
     total: int
     digest: bytes
-    data: bytes
+    data: bytes | memoryview  # read-only
 
 
 def chunk_body(body: bytes, *, chunk_size: int = DEFAULT_CHUNK_SIZE, message_id: bytes | None = None,
@@ -76,7 +76,9 @@ def _parse_frame(payload: bytes) -> _Frame:
     if magic != CHUNK_MAGIC:
         raise MalformedMessage(f"bad chunk magic {magic!r}")
     _check_version(major, minor)
-    data = bytes(payload[FRAME_HEADER_SIZE:])
+    # a view when the payload is immutable bytes (what MQTT clients hand over): no copy of the body here,
+    # the decoder copies each tensor out of it anyway; a mutable buffer is copied as before
+    data = memoryview(payload)[FRAME_HEADER_SIZE:] if isinstance(payload, bytes) else bytes(payload[FRAME_HEADER_SIZE:])
     if not index < count <= total or len(data) > total:  # every chunk carries at least one byte
         raise MalformedMessage(f"inconsistent chunk frame (index {index}, count {count}, total {total})")
     return _Frame(mid, index, count, total, digest, data)

@@ -107,7 +107,9 @@ def decode_body(body: bytes) -> Message:
 
     Arrays come back in the dtype they were sent in, as fresh native-order copies the caller owns.
     """
-    body = bytes(body)
+    if not (isinstance(body, bytes) or isinstance(body, memoryview) and body.readonly and body.format == "B"
+            and body.ndim == 1):
+        body = bytes(body)  # nothing read below may change under us
     if len(body) < _PREFIX.size:
         raise MalformedMessage(f"body truncated ({len(body)} bytes)")
     magic, major, minor, code, hlen = _PREFIX.unpack_from(body)
@@ -120,7 +122,7 @@ def decode_body(body: bytes) -> Message:
     if hlen > min(_MAX_HEADER_BYTES, len(body) - _PREFIX.size):
         raise MalformedMessage(f"header length {hlen} exceeds the body")
     try:
-        header = json.loads(body[_PREFIX.size:_PREFIX.size + hlen].decode("utf-8"),
+        header = json.loads(str(body[_PREFIX.size:_PREFIX.size + hlen], "utf-8"),
                             object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:  # includes JSON, UTF-8 and int-size errors
         if isinstance(exc, WireError):
