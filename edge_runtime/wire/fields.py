@@ -71,10 +71,19 @@ def _v_slots(what: str, v: Any) -> list[int]:
 _ARRAY_DTYPES = frozenset(np.dtype(name).newbyteorder(order) for name in _DTYPES for order in "<>")
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or +-Inf in `a`: the decoder's test of every array, and the aggregator's `validate_update`.
+    One exact call; its bool temporary is a quarter of a float32 array. Measured per array (196 KB /
+    1.5 KB): 4.0 / 1.1 us, against 5.5 / 2.6 for min + max (which the aggregator used, 8% of its CPU in
+    `fftmoe bench fleet` sampled with py-spy) and 3.3 / 1.7 for a BLAS self-dot, which needs an
+    overflow fallback and np.errstate around it."""
+    return bool(np.isfinite(a).all())
+
+
 def _v_array(what: str, a: Any) -> np.ndarray:
     if not isinstance(a, np.ndarray) or a.dtype not in _ARRAY_DTYPES or a.ndim > _MAX_NDIM:
         raise MalformedMessage(f"{what} must be a float32 or float16 ndarray of at most {_MAX_NDIM} dims")
-    if not np.isfinite(a).all():
+    if not all_finite(a):
         raise MalformedMessage(f"{what} contains NaN or Inf")
     return a
 
