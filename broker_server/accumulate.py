@@ -180,7 +180,7 @@ class SlotSums:
         else:  # float16 uploads, clipped float64 values: weigh into the scratch, then add
             for lp in plan.layers:
                 self._two_pass_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
-            for name, x in zip(plan.head, arrays[plan.summed - len(plan.head):plan.summed]):
+            for name, x in plan.head_arrays(arrays):
                 tmp = self._flat[:x.size].reshape(x.shape)
                 np.multiply(x, self._w, tmp)
                 np.add(self.inner[name], tmp, self.inner[name])
@@ -196,8 +196,8 @@ class SlotSums:
         belongs to the strategy that owns these sums."""
         layer_ops = [(lp.first + k, offset, n, acc, lp.row0 + i)
                      for lp in plan.layers for k, offset, n, acc, i in self._axpy_ops(lp.layer, lp.runs, rows)]
-        first = plan.summed - len(plan.head)
-        head_ops = [(first + k, self.inner[name].size, self.inner[name].reshape(-1)) for k, name in enumerate(plan.head)]
+        head_ops = [(plan.head_first + k, self.inner[name].size, self.inner[name].reshape(-1))
+                    for k, name in enumerate(plan.head)]
         plan.calls[rows] = (layer_ops, head_ops)
         return layer_ops, head_ops
 

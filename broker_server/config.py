@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker_server.methods import METHODS
+from broker_server.slots import DEFAULT_KEEP
 from edge_runtime.config_file import load_config, read_secret
 
 
@@ -48,7 +49,7 @@ class ServerConfig:
     optimizer: str = "fedavg"
     server_lr: float = 1e-2
     personalise_router: bool = False
-    slot_keep: float = 0.5  # share of a device's slots kept on its most-used experts (slots.py); 0: coverage only
+    slot_keep: float = DEFAULT_KEEP  # share of a device's slots kept on its most-used experts (slots.py); 0: coverage only
     router_lr: float = 1.0  # server step on router rows (FedAvg): 1 averages them, 0 keeps the global gate
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
@@ -86,7 +87,7 @@ class ServerConfig:
             (self.method == "fft-moe" or not (self.exact or self.workers or self.audit_log or self.personalise_router
                                                or self.clip_multiplier or self.router_lr != 1
                                                or self.optimizer != "fedavg" or self.weighting != "samples"
-                                               or self.slot_keep != 0.5),
+                                               or self.slot_keep != DEFAULT_KEEP),
              "exact, workers, audit_log, personalise_router, router_lr, slot_keep, clip_multiplier, optimizer and "
              "weighting are "
              "FFT-MoE options; the LoRA "

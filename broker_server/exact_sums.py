@@ -100,7 +100,7 @@ class ExactSums:
         always by `weight`. (f32 is SlotSums' fast-path hint; every dtype takes the same path here.)"""
         for lp in plan.layers:
             self._add_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
-        for name, x in zip(plan.head, arrays[plan.summed - len(plan.head):plan.summed]):
+        for name, x in plan.head_arrays(arrays):
             self._check_range(name, slice(None), np.array([self._w]))
             self._staged.append((name, slice(None), self._stage(x, np.float32(self._w * _SCALE), name)))
 

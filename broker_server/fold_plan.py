@@ -51,12 +51,21 @@ class FoldPlan:
     names: tuple[str, ...]  # arrays the update must hold: summed layer arrays, the head, then checked-only ones
     shapes: list[tuple[int, ...]]  # the shape each must have
     summed: int  # names[:summed] go into the sums (layer arrays, then the head)
-    head: tuple[str, ...]  # names[summed - len(head):summed]
+    head: tuple[str, ...]  # names[head_first:summed]
     groups: tuple  # what spills together (accumulate.SlotSums): the layers, then the head arrays
     token_lens: list[int]  # slots per layer, the length each layer's routed tokens must have
     index: np.ndarray  # [slots over all layers] layer position * M + global expert, all distinct
     nbytes32: int  # the update's bytes when every array is float32 and it holds nothing else
     calls: dict = field(default_factory=dict)  # the sums' precomputed calls for this plan (SlotSums._calls)
+
+    @property
+    def head_first(self) -> int:
+        """Where the head's arrays start in `names`."""
+        return self.summed - len(self.head)
+
+    def head_arrays(self, arrays: Sequence[np.ndarray]):
+        """(name, array) of the head, from an update's arrays listed as `names`."""
+        return zip(self.head, arrays[self.head_first:self.summed])
 
 
 def build_plan(key: PlanKey, summed: Mapping[int, Sequence[tuple[str, tuple[int, ...]]]],

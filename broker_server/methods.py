@@ -17,7 +17,7 @@ import numpy as np
 from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy, ParamSpace, het_target
 from broker_server.update_checks import validate_update
 from broker_server.lora_strategies import FedItStrategy, FlexLoraStrategy, HetLoraStrategy, LoraSpace, LoraUpdate
-from broker_server.slots import SlotPlanner, tokens_by_global_expert
+from broker_server.slots import DEFAULT_KEEP, SlotPlanner, tokens_by_global_expert
 from edge_runtime import wire
 from edge_runtime.manifest import Manifest, TierEntry
 
@@ -34,7 +34,7 @@ class MoeMethod:
 
     method = "fft-moe"
 
-    def __init__(self, manifest: Manifest, config: AggregationConfig, gamma: float, slot_keep: float = 0.5):
+    def __init__(self, manifest: Manifest, config: AggregationConfig, gamma: float, slot_keep: float = DEFAULT_KEEP):
         if manifest.is_lora:
             raise MethodError(f"{manifest.root} is a LoRA export; FFT-MoE needs `fftmoe export` without --method lora")
         self.manifest, self.gamma, self.slot_keep = manifest, gamma, slot_keep
@@ -169,7 +169,7 @@ class LoraMethod:
 
 
 def make_method(name: str, manifest: Manifest, config: AggregationConfig, gamma: float,
-                slot_keep: float = 0.5) -> MoeMethod | LoraMethod:
+                slot_keep: float = DEFAULT_KEEP) -> MoeMethod | LoraMethod:
     if name not in METHODS:
         raise MethodError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return MoeMethod(manifest, config, gamma, slot_keep) if name == "fft-moe" else LoraMethod(name, manifest)

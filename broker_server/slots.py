@@ -14,11 +14,13 @@ import math
 
 import numpy as np
 
+DEFAULT_KEEP = 0.5  # share of a device's slots kept on its most-used experts (METHOD.md: about half)
+
 
 class SlotPlanner:
     """Assigns slot maps for one round; create one per round and call `assign` per device."""
 
-    def __init__(self, experts: int, usage: dict[int, np.ndarray], keep: float = 0.5):
+    def __init__(self, experts: int, usage: dict[int, np.ndarray], keep: float = DEFAULT_KEEP):
         """keep: share of a device's slots given back to the experts it used most last time (rounded up;
         0 = every slot by coverage, so experts change hands each round)."""
         if not 0 <= keep <= 1:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.slots import DEFAULT_KEEP
+
 log = logging.getLogger("fftmoe.run")
 
 
@@ -52,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-lr", type=float, default=1.0,
                    help="FFT-MoE: server step on the router rows, 1 averages them (default), 0 keeps the global "
                         "gate where it is while devices still adapt theirs within a round")
-    p.add_argument("--slot-keep", type=float, default=0.5,
+    p.add_argument("--slot-keep", type=float, default=DEFAULT_KEEP,
                    help="FFT-MoE: share of a device's expert slots kept on the experts it used most last round "
-                        "(default 0.5); the rest go to the fleet's least-used experts, 0 = all of them")
+                        f"(default {DEFAULT_KEEP}); the rest go to the fleet's least-used experts, 0 = all of them")
     p.add_argument("--artifacts", type=Path, help="use this export instead of the cached one")
     p.add_argument("--cache", type=Path, default=Path("artifacts/cache"), help="export cache folder")
     p.add_argument("--dataset", default="bbcnews", help="built-in name or a CSV / JSON Lines / Parquet file")
@@ -126,7 +128,7 @@ def _export_adapters(args) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     moe_options = args.weighting != "samples" or args.personalise_router or args.router_lr != 1 \
-        or args.server_optimizer != "fedavg" or args.slot_keep != 0.5
+        or args.server_optimizer != "fedavg" or args.slot_keep != DEFAULT_KEEP
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
                          (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
                          (not 0 <= args.slot_keep <= 1, f"--slot-keep must be in [0, 1], got {args.slot_keep}"),
