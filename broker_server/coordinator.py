@@ -125,7 +125,7 @@ class CoordinatorServer(AggregationServer):
         cfg, pool = self.config, self.pool
         self.method.begin_round(self.state.global_arrays)
         pool.begin(f"{self._nonce}-{round_}-{next(self._attempts)}")
-        self.receiver.holding = True  # worker partials wait for their merge (broker_server/receiver.py)
+        self._start_collecting()
         self._open, self._planned, self._orphans, self._late = {}, set(), [], set()
         # the first round waits for --workers; later ones go on with whoever is live (at least one)
         while len(pool.live()) < (1 if self._started else cfg.workers):
@@ -159,8 +159,7 @@ class CoordinatorServer(AggregationServer):
                 return None
             if closed:
                 break
-        self.receiver.holding = False
-        self._release()  # the last partial: acknowledge it now, not after the merge and evaluation
+        self._stop_collecting()
         for device_id, task in self._open.items():
             outcome.devices[device_id]["bytes_down"] = task.bytes_down
         outcome.bytes_down = sum(t.bytes_down for t in self._open.values())

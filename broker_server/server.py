@@ -153,6 +153,17 @@ class AggregationServer:
             self._ack()
             self._ack = None
 
+    def _start_collecting(self) -> None:
+        """Uploads (and worker partials) now wait for the main thread's acknowledgement: backpressure
+        (broker_server/receiver.py)."""
+        self.receiver.holding = True
+
+    def _stop_collecting(self) -> None:
+        """Until the next round, late messages are acknowledged on arrival, and the round's last one now:
+        none may wait for finish and the evaluation (amqtt gives up on an acknowledgement after 5 s)."""
+        self.receiver.holding = False
+        self._release()
+
     def _drain(self, timeout: float) -> wire.Message | None:
         self._release()  # the caller is done with the previous message
         try:
@@ -231,7 +242,7 @@ class AggregationServer:
         if self.config.audit_log:
             audit.start_round(self.store.folder, round_)
         self.receiver.keep_round(round_)
-        self.receiver.holding = True  # uploads wait for their fold: backpressure (broker_server/receiver.py)
+        self._start_collecting()
         open_tasks: dict[str, OpenTask] = {}
         for device_id in participants:
             task, slot_map = self._task(round_, self.devices[device_id])
@@ -269,8 +280,7 @@ class AggregationServer:
             device_id = getattr(message, "device_id", None)
             if device_id in waiting and open_tasks[device_id].answered:
                 del waiting[device_id]
-        self.receiver.holding = False  # until the next round: late uploads must not wait for the evaluation
-        self._release()  # the round's last message: acknowledge it now, not after finish and evaluation
+        self._stop_collecting()
         for device_id, reason in outcome.failed.items():
             outcome.devices[device_id]["status"] = "missed" if reason == "went offline" else "failed"
         for device_id, task in open_tasks.items():
