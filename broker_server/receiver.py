@@ -50,9 +50,13 @@ class UploadReceiver:
     """`receiver(topic, payload, ack)` as the MQTT callback; `inbox` yields `(message, ack)`."""
 
     def __init__(self, current_round: Callable[[], int | None], max_queued: int = 32,
-                 busy: Callable[[], bool] = lambda: False, max_wait_s: float = 5.0):
-        """max_queued: messages queued but not yet acknowledged before the network thread waits (module
-        docstring); busy: True while the main thread waits on the connection (`MqttConnection.awaiting_acks`)."""
+                 busy: Callable[[], bool] = lambda: False, max_wait_s: float = 5.0,
+                 seen: Callable[[object], None] = lambda message: None):
+        """current_round: the round whose upload bytes are counted, read on the network thread;
+        max_queued: messages queued but not yet acknowledged before the network thread waits (module
+        docstring); busy: True while the main thread waits on the connection (`MqttConnection.awaiting_acks`);
+        seen: called on the network thread with each complete message before it is queued (a worker
+        learns its round from the plan there, before its main thread gets to it)."""
         if max_queued < 1:
             raise ValueError("max_queued must be >= 1")
         self.inbox: queue.Queue = queue.Queue()
@@ -61,7 +65,7 @@ class UploadReceiver:
         self._unfinished = 0  # queued and not yet acknowledged by the main thread
         self.overflows = 0  # messages queued past max_queued (busy main thread, or max_wait_s passed)
         self.holding = True  # HELD messages wait for the main thread's ack (the server: while it collects)
-        self._current_round = current_round
+        self._current_round, self._seen = current_round, seen
         self._reassembler = wire.Reassembler(max_pending_messages=4096, max_pending_per_source=2)
         self._bytes: dict[tuple[str, int], int] = {}
         self._lock = threading.Lock()
@@ -78,6 +82,7 @@ class UploadReceiver:
             message = self._reassembler.add(payload, source=topic)
             if message is not None:
                 wire.check_origin(message, topic)
+                self._seen(message)
                 if not (self.holding and isinstance(message, HELD)):
                     ack()  # the broker need not keep it, nor wait for the main thread (HELD)
                     ack = _nothing
@@ -132,9 +137,10 @@ class UploadReceiver:
             return self._bytes.pop((device_id, round_), 0)
 
     def keep_round(self, round_: int) -> None:
-        """Forget the counters of other rounds (devices that never answered them): bounded, not leaked."""
+        """Forget the counters of earlier rounds (devices that never answered them): bounded, not leaked.
+        Later rounds' stay: the network thread may already count a round the main thread has not reached."""
         with self._lock:
-            self._bytes = {k: v for k, v in self._bytes.items() if k[1] == round_}
+            self._bytes = {k: v for k, v in self._bytes.items() if k[1] >= round_}
 
     @property
     def counters(self) -> int:

@@ -114,8 +114,12 @@ class AggregatorWorker:
                  chunk_size: int = 256 * 1024):
         self.worker_id, self.federation, self.manifest = wire.validate_id(worker_id, "worker id"), federation, manifest
         self.chunk_size = chunk_size
-        self.receiver = UploadReceiver(lambda: self._round.round if self._round is not None else None,
-                                       busy=lambda: self.connection.awaiting_acks)
+        # Upload bytes count for the round of the newest plan the network thread has seen, not the one the
+        # main thread has started: a device's update can arrive while its plan still waits in the inbox,
+        # and its bytes would go uncounted (a receipt with bytes_in 0, a round's bytes_up 0).
+        self._wire_round: int | None = None
+        self.receiver = UploadReceiver(lambda: self._wire_round, busy=lambda: self.connection.awaiting_acks,
+                                       seen=self._see)
         self.inbox = self.receiver.inbox
         self._stop = threading.Event()
         self.peak_inbox = 0  # the deepest backlog of received, not yet handled messages (benchmarks)
@@ -131,6 +135,11 @@ class AggregatorWorker:
                            (wire.global_topic(federation), wire.QOS_GLOBAL)],  # the coordinator's roll call
             on_message=self.receiver, will=(self._out, offline, wire.QOS_WORKER, False), on_connect=self._announce,
             manual_ack=True)  # backpressure: see AggregationServer._receive
+
+    def _see(self, message) -> None:
+        """On the network thread (UploadReceiver `seen`): a plan names the round uploads come for next."""
+        if isinstance(message, wire.WorkerPlan):
+            self._wire_round = message.round
 
     def _announce(self) -> None:
         self._send(wire.WorkerStatus(worker_id=self.worker_id, online=True))

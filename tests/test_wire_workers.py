@@ -160,3 +160,28 @@ def test_worker_folds_each_assigned_device_once_and_closes_with_its_partial(tiny
     assert sent[-1].devices == [] and sent[-1].samples == 0
     worker.handle(wire.WorkerClose(worker_id="wa", round=7, session="other"))
     assert sent[-1].devices == [] and sent[-1].round == 7
+
+
+def test_an_update_arriving_before_its_plan_is_handled_still_counts_its_bytes(tiny_export):
+    """The coordinator's plan and a fast device's update can both reach the worker's network thread
+    before its main thread handles the plan: the receipt must still carry the upload's size (a round
+    with bytes_up 0 in CI)."""
+    worker, sent = _worker(tiny_export)
+    tier = tiny_export.tier("small")
+    slots = {str(layer): list(range(tier.experts_held)) for layer in tier.adapted_layers}
+    with np.load(tiny_export.root / tiny_export.global_init.path) as data:
+        arrays = {k: data[k] for k in data.files}
+    plan = wire.WorkerPlan(worker_id="wa", round=3, session="s1", tiers={"d1": "small"}, slot_maps={"d1": slots},
+                           settings=plan_settings(AggregationConfig(), None, 1 << 26), params=arrays)
+    chunks = wire.encode(_tiny_update(tiny_export, "d1", round_=3), chunk_size=4096)
+    for payload in wire.encode(plan):
+        worker.receiver(wire.worker_topic("fed", "wa", "in"), payload, lambda: None)
+    for payload in chunks:
+        worker.receiver(wire.upload_topic("fed", "d1", 3, "wa"), payload, lambda: None)
+    while not worker.inbox.empty():  # only now does the main thread get to the plan, then the update
+        message, finish = worker.inbox.get_nowait()
+        worker.handle(message)
+        finish()
+    receipts = [m for m in sent if isinstance(m, wire.WorkerReceipt)]
+    assert [(r.device_id, r.ok) for r in receipts] == [("d1", True)]
+    assert receipts[0].bytes_in == sum(map(len, chunks)) > 0
