@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "--max-attempts"):
         parser.add_argument(flag, type=int)
     for flag in ("--fraction", "--round-deadline-s", "--learning-rate", "--lambda-bal", "--lambda-het", "--gamma",
-                 "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier"):
+                 "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier", "--logit-prior"):
         parser.add_argument(flag, type=float)
     parser.add_argument("--personalise-router", action="store_true", default=None)
+    parser.add_argument("--own-labels-only", action="store_true", default=None,
+                        help="devices update only the head rows of labels they have samples of")
     parser.add_argument("--exact", action="store_true", default=None,
                         help="exact integer aggregation: the same bits in any update order (what --workers uses)")
     parser.add_argument("--workers", type=int, help="coordinate this many aggregator workers (default 0: fold here)")

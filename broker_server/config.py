@@ -43,6 +43,8 @@ class ServerConfig:
     lambda_bal: float = 0.01
     lambda_het: float = 0.01
     gamma: float = 1.0
+    logit_prior: float = 0.0  # tau of the devices' label prior in their training logits (RoundTask.logit_prior)
+    own_labels_only: bool = False  # devices update only the head rows of labels they hold (RoundTask)
     upload_dtype: str = "float32"
     method: str = "fft-moe"  # or a LoRA baseline: fedit, hetlora, flexlora (needs a LoRA export)
     weighting: str = "samples"
@@ -73,6 +75,7 @@ class ServerConfig:
             (self.max_attempts >= 1 and self.local_steps >= 1, "max_attempts and local_steps must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.lambda_bal >= 0 and self.lambda_het >= 0 and self.gamma >= 0, "lambdas and gamma must be >= 0"),
+            (0 <= self.logit_prior <= 10, "logit_prior must be in [0, 10]"),
             (self.upload_dtype in ("float32", "float16"), "upload_dtype must be float32 or float16"),
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),

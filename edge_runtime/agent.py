@@ -28,7 +28,7 @@ from edge_runtime.device_config import DeviceConfig
 from edge_runtime.emulation import Emulation, cpu_turn, peak_resident_mb, sleep_transfer
 from edge_runtime.local_state import DeviceState, LocalState
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
-from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, take_steps
+from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, label_log_prior, take_steps
 
 log = logging.getLogger("fftmoe.device")
 
@@ -167,8 +167,8 @@ class DeviceAgent:
         except TrainerError as err:
             self._reply_error(task.round, wire.ErrorCode.BAD_TASK, str(err))
             return False
-        log.info("round %d: training %d local steps (lr %.2g, lambda_bal %.3g, lambda_het %.3g)", task.round,
-                 task.local_steps, task.learning_rate, task.lambda_bal, task.lambda_het)
+        log.info("round %d: training %d local steps (lr %.2g, lambda_bal %.3g, lambda_het %.3g, logit prior %.3g)",
+                 task.round, task.local_steps, task.learning_rate, task.lambda_bal, task.lambda_het, task.logit_prior)
         download_s = sleep_transfer(self.emulation, nbytes, upload=False)
         tier = self.trainer.tier
         batches = take_steps(lambda: self.dataset.batches(tier.batch_size, self._rng), task.local_steps)
@@ -185,8 +185,10 @@ class DeviceAgent:
                 if waited < 0:
                     log.info("round %d: stopping while waiting for a host core", task.round)
                     return False
-                result = self.trainer.train_round(arrays, batches, LossInputs(task.lambda_bal, task.lambda_het,
-                                                                              target),
+                counts = np.array(list(self.dataset.label_counts("train").values()))
+                loss = LossInputs(task.lambda_bal, task.lambda_het, target, label_log_prior(counts, task.logit_prior),
+                                  kept_labels=counts == 0 if task.own_labels_only else None)
+                result = self.trainer.train_round(arrays, batches, loss,
                                                   task.learning_rate, reset_optimizer=cfg.reset_optimizer,
                                                   on_step=progress, should_stop=self._stop.is_set)
         except (TrainerError, RuntimeError) as err:

@@ -28,13 +28,39 @@ class TrainerError(RuntimeError):
     """The trainer cannot use what it was given (arrays of the wrong name or shape, bad options)."""
 
 
+# The head: training with a label prior shifts its bias (`LossInputs.logit_prior`); its rows of labels
+# a device lacks may be kept as given (`LossInputs.kept_labels`).
+HEAD_WEIGHT, HEAD_BIAS = "fftmoe_head.weight", "fftmoe_head.bias"
+
+
 @dataclass(frozen=True)
 class LossInputs:
-    """The loss schedule of one round: weights and the heterogeneity target q [L_t, M_t]."""
+    """The loss schedule of one round: weights, the heterogeneity target q [L_t, M_t] and the logit prior.
+
+    logit_prior [C] (None: plain cross-entropy) is added to the logits while training: with
+    tau * log p_local(y) the loss is the balanced softmax / logit adjustment of label-skewed data
+    (docs/METHOD.md, "Loss"). The logits are `W x + b`, so adding it to the head's bias for the
+    round's steps and taking it off the trained bias is the same gradient with no graph input.
+    kept_labels [C]: head rows (weight and bias) reset to their start after the round, for labels the
+    device has no samples of. AdamW normalises each coordinate's step, so even the tiny, one-signed
+    gradient such a row gets moves it by the full learning rate every step, away from the device's
+    features: a prior in the loss cannot stop that, only not updating the row does.
+    """
 
     lambda_bal: float
     lambda_het: float
     het_target: np.ndarray  # [L_t, M_t], rows sum to 1
+    logit_prior: np.ndarray | None = None  # [C]
+    kept_labels: np.ndarray | None = None  # [C] bool: the head rows of these labels come back as given
+
+
+def label_log_prior(counts, tau: float) -> np.ndarray | None:
+    """tau * log p(y) [C] from a device's label counts, Laplace-smoothed ((n_c + 1) / (n + C)) so a
+    label the device lacks gets a large negative prior, not -inf; None when tau is 0."""
+    if tau == 0:
+        return None
+    counts = np.asarray(counts, dtype=np.float64)
+    return (tau * np.log((counts + 1.0) / (counts.sum() + len(counts)))).astype(np.float32)
 
 
 @dataclass
@@ -106,9 +132,12 @@ class TierTrainer:
         want = (len(self.tier.adapted_layers), self.tier.experts_held)
         if target.shape != want:
             raise TrainerError(f"het_target shape {target.shape}, expected {want} for tier {self.tier.name!r}")
+        prior, kept = self._logit_prior(loss.logit_prior), self._kept_labels(loss.kept_labels)
         if reset_optimizer:
             self._load()
         self.set_params(global_arrays)
+        if prior is not None:  # train with the prior in the logits (LossInputs), on the bias as given
+            self._state.parameters[HEAD_BIAS] = self._state.parameters[HEAD_BIAS].data + prior
         self._optimizer.set_learning_rate(float(learning_rate))
         lambdas = (np.array(loss.lambda_bal, np.float32), np.array(loss.lambda_het, np.float32))
         tokens = np.zeros(want, dtype=np.float64)
@@ -136,10 +165,34 @@ class TierTrainer:
         for value in losses:
             if not np.isfinite(value):
                 raise TrainerError("training diverged: the loss became NaN or infinite; lower the learning rate")
-        return RoundResult(params=self.get_params(), expert_tokens=tokens.astype(np.float32), num_samples=seen,
+        params = self.get_params()
+        if prior is not None:  # the update carries the bias without the prior; the module keeps it (evaluate)
+            params[HEAD_BIAS] = params[HEAD_BIAS] - prior
+        if kept is not None:
+            for name in (HEAD_WEIGHT, HEAD_BIAS):
+                params[name][kept] = np.asarray(global_arrays[name], dtype=np.float32)[kept]
+        return RoundResult(params=params, expert_tokens=tokens.astype(np.float32), num_samples=seen,
                            steps=steps, loss=float(np.mean(losses)) if losses else float("nan"),
                            accuracy=correct / seen if seen else 0.0, train_seconds=wall, cpu_seconds=cpu,
                            metrics={"stopped": float(stopped)})
+
+    def _logit_prior(self, prior: np.ndarray | None) -> np.ndarray | None:
+        if prior is None:
+            return None
+        prior = np.asarray(prior, dtype=np.float32)
+        shape = self._shapes.get(HEAD_BIAS)
+        if shape is None or prior.shape != shape or not np.isfinite(prior).all():
+            raise TrainerError(f"logit_prior must be {shape} finite values (one per label), got shape {prior.shape}")
+        return prior
+
+    def _kept_labels(self, kept: np.ndarray | None) -> np.ndarray | None:
+        if kept is None or not np.any(kept):
+            return None
+        kept = np.asarray(kept, dtype=bool)
+        if kept.shape != self._shapes.get(HEAD_BIAS) or HEAD_WEIGHT not in self._shapes:
+            raise TrainerError(f"kept_labels must be one flag per label {self._shapes.get(HEAD_BIAS)}, "
+                               f"got shape {kept.shape}")
+        return kept
 
     def _feeds(self, input_ids, mask, labels, lambda_bal, lambda_het, target) -> tuple[np.ndarray, ...]:
         """The graph's inputs in order: a LoRA baseline's graph takes only the batch."""

@@ -23,7 +23,10 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "personal-router-avg": ["--personalise-router", "--serve-averaged-router"],
              "fedadam": ["--server-optimizer", "fedadam", "--server-lr", "0.03"],
              "coverage-slots": ["--slot-keep", "0"],
-             "coverage-personal": ["--slot-keep", "0", "--personalise-router"]}
+             "coverage-personal": ["--slot-keep", "0", "--personalise-router"],
+             "logit-prior": ["--logit-prior", "1"],
+             "label-skew": ["--logit-prior", "1", "--own-labels-only"],
+             "fedit-label-skew": ["--method", "fedit", "--logit-prior", "1", "--own-labels-only"]}  # last --method wins
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
 
@@ -33,7 +36,10 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "personal-router-avg": "router rows kept on the device; the served model averages them",
                  "fedadam": "server optimiser FedAdam (eta 0.03, tau 1e-3)",
                  "coverage-slots": "no expert kept across rounds: all slots to the least-used experts",
-                 "coverage-personal": "coverage-slots and router rows kept on the device"}
+                 "coverage-personal": "coverage-slots and router rows kept on the device",
+                 "logit-prior": "devices train with their label prior in the logits (balanced softmax, tau 1)",
+                 "label-skew": "logit-prior, and devices update only the head rows of labels they hold",
+                 "fedit-label-skew": "FedIT with label-skew's device training (not a published baseline)"}
 
 
 def _order(partition: str, name: str) -> tuple:

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--lambda-bal", type=float, default=0.01)
     p.add_argument("--lambda-het", type=float, default=0.01)
+    p.add_argument("--logit-prior", type=float, default=0.0, metavar="TAU",
+                   help="devices train with TAU x log of their own label prior added to the logits (balanced "
+                        "softmax; 0 = plain cross-entropy; default %(default)s)")
+    p.add_argument("--own-labels-only", action="store_true",
+                   help="devices update only the head rows of labels they have samples of")
     p.add_argument("--upload-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--round-deadline-s", type=float, default=600.0, help="host wall-clock deadline per round")
     p.add_argument("--seed", type=int, default=0)
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
                          (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
                          (not 0 <= args.slot_keep <= 1, f"--slot-keep must be in [0, 1], got {args.slot_keep}"),
+                         (not 0 <= args.logit_prior <= 10, f"--logit-prior must be in [0, 10], got {args.logit_prior}"),
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
                           "fedadam"),
@@ -218,7 +224,9 @@ def _run(args, fleet) -> int:
                               rounds=args.rounds, min_devices=len(alive), min_updates=1,
                               round_deadline_s=args.round_deadline_s, local_steps=args.local_steps,
                               learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
-                              lambda_het=args.lambda_het, upload_dtype=args.upload_dtype, seed=args.seed,
+                              lambda_het=args.lambda_het, logit_prior=args.logit_prior,
+                              own_labels_only=args.own_labels_only,
+                              upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
                               personalise_router=args.personalise_router and not args.serve_averaged_router,
                               router_lr=args.router_lr, optimizer=args.server_optimizer, server_lr=args.server_lr,

@@ -150,3 +150,22 @@ def test_personal_router_rows_stay_on_the_device(tiny_export, data_file, tmp_pat
         from_global = np.abs(update.params[router][0] - start_rows[0]).max()
         assert moved < from_global
         stop()
+
+
+def test_a_task_with_a_logit_prior_trains_with_the_devices_own_label_prior(tiny_export, tmp_path):
+    """RoundTask.logit_prior: a device holding one label trains with its prior in the logits (its training
+    loss starts low), and the head bias it uploads carries no trace of the prior."""
+    from tests.tiny_model import LABELS
+    one_label = write_tiny_dataset(tmp_path / "one.csv", rows=40, labels=LABELS[:1])
+    with running_broker("embedded", tmp_path) as url, \
+            agent_on_broker(url, tiny_export, "small", "dev6", one_label, tmp_path) as (harness, _, stop):
+        updates = {}
+        for round_, tau in ((0, 0.0), (1, 1.0)):
+            task = task_for(tiny_export, "small", "dev6", round_=round_, steps=2)
+            harness.send("dev6", wire.encode(wire.RoundTask(**{**task.__dict__, "logit_prior": tau,
+                                                              "learning_rate": 1e-6})))
+            updates[tau] = harness.wait_for(wire.Update, "dev6")
+        assert updates[1.0].metrics["loss"] < 0.3 * updates[0.0].metrics["loss"]
+        bias = "fftmoe_head.bias"
+        np.testing.assert_allclose(updates[1.0].params[bias], task.params[bias], atol=1e-4)
+        stop()

@@ -17,6 +17,7 @@ from hw_profiles import run
     (["--method", "hetlora", "--server-optimizer", "fedadam"], "are FFT-MoE options"),
     (["--slot-keep", "1.5"], "--slot-keep must be in [0, 1], got 1.5"),
     (["--method", "fedit", "--slot-keep", "0"], "are FFT-MoE options"),
+    (["--logit-prior", "-1"], "--logit-prior must be in [0, 10], got -1.0"),
 ])
 def test_bad_method_options_exit_2_before_any_work(argv, words, capsys, tmp_path):
     assert run.main(argv + ["--out", str(tmp_path / "run")]) == 2

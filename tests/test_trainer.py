@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.local_data import LocalDataset, TextEncoder
-from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, take_steps
+from edge_runtime.trainer import HEAD_BIAS, HEAD_WEIGHT, LossInputs, TierTrainer, TrainerError, label_log_prior, take_steps
 from tests.tiny_model import write_tiny_dataset
 
 TIER = "big"
@@ -87,3 +87,52 @@ def test_wrong_arrays_are_refused(trainer):
         trainer.set_params({name: np.zeros((1, 2), np.float32)})
     with pytest.raises(TrainerError, match="no trainable array"):
         trainer.set_params({"backbone.embeddings.word_embeddings.weight": np.zeros((3,), np.float32)})
+
+
+def test_a_label_prior_shapes_the_loss_but_never_leaves_the_device(trainer, tiny_export, tmp_path):
+    """Balanced softmax (`--logit-prior`): a device holding only one label trains with its prior in the
+    logits, so that label's loss is low from the start; the update's head bias is the bias without
+    the prior, while the device's own evaluation keeps it (its local predictions)."""
+    encoder = TextEncoder(tiny_export.root / TIER / "tokenizer.json", tiny_export.tier(TIER).seq_len)
+    one = LocalDataset(write_tiny_dataset(tmp_path / "one.csv", rows=40, labels=tiny_export.labels[:1]),
+                       labels=tiny_export.labels, encoder=encoder, holdout_fraction=0.25, seed=0)
+    counts = list(one.label_counts("train").values())
+    prior = label_log_prior(counts, 1.0)
+    assert label_log_prior(counts, 0.0) is None and prior.argmax() == 0 and np.isfinite(prior).all()
+    assert prior[1:].max() < prior[0] - 3  # a lacking label: log(1 / (n + C)), not -inf
+    start = _global_slots(trainer)
+    tier = trainer.tier
+    target = np.full((len(tier.adapted_layers), tier.experts_held), 1 / tier.experts_held)
+
+    def train(p, lr=1e-9):
+        batches = take_steps(lambda: one.batches(tier.batch_size, np.random.default_rng(0)), 4)
+        return trainer.train_round(start, batches, LossInputs(0.0, 0.0, target, p), learning_rate=lr)
+
+    plain, balanced = train(None), train(prior)
+    assert balanced.loss < 0.2 * plain.loss  # the prior already favours the one label it holds
+    np.testing.assert_allclose(balanced.params[HEAD_BIAS], start[HEAD_BIAS], atol=1e-5)  # prior taken off
+    own_loss, own_accuracy, _ = trainer.evaluate(one.holdout_batches(8))  # the module still has the prior
+    assert own_accuracy == 1.0
+    assert not np.allclose(train(prior, lr=5e-3).params[HEAD_BIAS], start[HEAD_BIAS], atol=1e-4)  # it does train
+    with pytest.raises(TrainerError, match="logit_prior"):
+        train(prior[:2])
+
+
+def test_own_labels_only_returns_the_head_rows_of_lacking_labels_as_given(trainer, dataset):
+    """`--own-labels-only`: AdamW moves every head row by about the learning rate per step, even the
+    rows of labels a device has no samples of; those rows must come back exactly as sent."""
+    start, tier = _global_slots(trainer), trainer.tier
+    target = np.full((len(tier.adapted_layers), tier.experts_held), 1 / tier.experts_held)
+    kept = np.zeros(len(start[HEAD_BIAS]), dtype=bool)
+    kept[1:] = True
+    rounds = {}
+    for name, mask in (("all", None), ("own", kept)):
+        batches = take_steps(lambda: dataset.batches(tier.batch_size, np.random.default_rng(0)), 6)
+        rounds[name] = trainer.train_round(start, batches, LossInputs(0.01, 0.01, target, kept_labels=mask),
+                                           learning_rate=5e-3).params
+    for head in (HEAD_WEIGHT, HEAD_BIAS):
+        assert not np.allclose(rounds["all"][head][kept], start[head][kept], atol=1e-4)  # AdamW moved them
+        np.testing.assert_array_equal(rounds["own"][head][kept], start[head][kept])
+        np.testing.assert_array_equal(rounds["own"][head][~kept], rounds["all"][head][~kept])
+    with pytest.raises(TrainerError, match="kept_labels"):
+        trainer.train_round(start, [], LossInputs(0.01, 0.01, target, kept_labels=kept[:2]), learning_rate=1e-3)

@@ -152,16 +152,16 @@ def test_construction_validates():
 # ---------------------------------------------------------------------------------- golden bytes
 # Changing any golden value below means the wire format changed: that requires a SCHEMA_VERSION
 # major bump (old peers would misread the new bytes), not just an update of the hex digest. The one
-# exception is a minor bump, which changes only the version bytes: 1.0 -> 1.1 changed these digests
-# and nothing else (checked by encoding the same messages with the version set back to 1.0).
+# exception is a minor bump, which changes only the version bytes: 1.0 -> 1.1 and 1.1 -> 1.2 changed
+# these digests and nothing else (checked by encoding the same messages with the version set back).
 GOLDEN = [
     (lambda: Presence("pi-04", False, 1_700_000_000.5), 1,
-     "f3d37a41ac12639d554b2c1d6e7a9c620b28bd47020c8cb413dd4db8a2953caa"),
+     "50b8a4c3a438bf1417c6c88c5194f0355c0044f401f719c62b0c7f41e7e23335"),
     (lambda: ErrorReply("pi-04", 3, ErrorCode.TRAINING_FAILED, "loss is NaN ✗"), 1,
-     "4b5a69b6a46d1d420167cb52454024d8246039794d8830801373ee53e31ff803"),
+     "bd770fc8b522b5a7e51beec6772819ce24f65913da8a0ab0907a336822951b16"),
     (lambda: make_update({"w": np.arange(12, dtype=np.float32).reshape(3, 4),
                           "h": np.arange(4, dtype=np.float16)}), 3,
-     "cc5d31e537e3c5deffa06b0d2de52b4c03e9d03312ae353c53921dd71bd06c57"),
+     "01fca2afc114ccd917ea36e5b7bcfd96d1d0878536717ac54356ea9f56a7da79"),
 ]
 
 
@@ -174,7 +174,7 @@ def test_golden_bytes(index):
         assert c[:4] == b"FMOC" and c[24:28] == i.to_bytes(4, "little")
         assert c[8:24] == FIXED_ID and c[28:32] == count.to_bytes(4, "little")
     body = b"".join(c[wire.FRAME_HEADER_SIZE:] for c in chunks)
-    assert body[:4] == b"FMOM" and body[4:8] == b"\x01\x00\x01\x00"
+    assert body[:4] == b"FMOM" and body[4:8] == b"\x01\x00\x02\x00"
     assert hashlib.sha256(b"".join(chunks)).hexdigest() == digest
 
 

@@ -27,8 +27,9 @@ Chunk frame (one MQTT payload), 68 B header then a slice of the body:
 Compatibility: a different major is refused (`SchemaVersionError`); any minor is accepted, so a
 minor bump may only add optional JSON fields (older readers ignore them), error codes (older
 readers read them as INTERNAL) or message kinds on topics older peers do not subscribe to (1.1:
-RoundTask.upload_lane and the aggregator-worker messages). Any other change is a major bump. The
-golden digests in tests/test_wire.py pin the bytes: if they change, so must SCHEMA_VERSION.
+RoundTask.upload_lane and the aggregator-worker messages; 1.2: RoundTask.logit_prior and
+own_labels_only). Any other change is a major bump. The golden digests in tests/test_wire.py pin
+the bytes: if they change, so must SCHEMA_VERSION.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SCHEMA_VERSION = (1, 1)  # (major, minor); 1.1: upload lanes and the aggregator-worker messages
+# (major, minor); 1.1: upload lanes and the aggregator-worker messages; 1.2: RoundTask.logit_prior and
+# own_labels_only
+SCHEMA_VERSION = (1, 2)
 
 DEFAULT_CHUNK_SIZE = 256 * 1024  # frame included; MQTT adds only the topic and a few bytes
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -145,7 +145,7 @@ _RULES: dict[str, _Rule] = {
     "round": _ROUND, "last_round_seen": _ROUND,
     "runtime": partial(_v_dict, value=partial(_v_str, max_len=256)),
     "online": _v_bool,
-    "timestamp": _NONNEG, "lambda_bal": _NONNEG, "lambda_het": _NONNEG,
+    "timestamp": _NONNEG, "lambda_bal": _NONNEG, "lambda_het": _NONNEG, "logit_prior": _NONNEG, "own_labels_only": _v_bool,
     "learning_rate": _POSITIVE, "deadline_s": _POSITIVE,
     "local_steps": partial(_v_int, lo=1), "num_samples": partial(_v_int, lo=1),
     "slot_map": partial(_v_dict, value=_v_slots),

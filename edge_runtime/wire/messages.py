@@ -92,7 +92,9 @@ class RoundTask(_Message):
     slot_map: adapted layer name -> global expert index held in each local slot. het_target uses the
     same layers and slot order (it may be empty when lambda_het is 0). params are the global arrays
     the device starts from, under the names the exported graph uses. upload_dtype is what the
-    device should encode its Update with.
+    device should encode its Update with. logit_prior scales the device's own label prior in its
+    training loss and own_labels_only keeps the head rows of labels it lacks (`trainer.LossInputs`);
+    neither sends the device's label counts anywhere.
     """
 
     kind, kind_code = "round_task", 3
@@ -110,6 +112,8 @@ class RoundTask(_Message):
     upload_dtype: str  # "float32" | "float16"
     params: dict[str, np.ndarray]
     upload_lane: str = ""  # the aggregator worker to upload to (sharded aggregation); "" = the server
+    logit_prior: float = 0.0  # tau: train with tau * log p_local(y) added to the logits (1.2; 0 = plain CE)
+    own_labels_only: bool = False  # update only the head rows of labels the device has samples of (1.2)
 
     def _check_together(self) -> None:
         shape = {layer: len(slots) for layer, slots in self.slot_map.items()}
