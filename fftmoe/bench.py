@@ -14,6 +14,7 @@ BENCHMARKS = {
     "aggregate": ("broker_server.bench_aggregate", "streaming aggregation throughput vs memcpy, peak RSS per client count"),
     "accuracy": ("hw_profiles.bench_accuracy", "every method on the same partitions and seeds: resumable accuracy grid"),
     "fleet": ("broker_server.bench_fleet", "simulated devices upload through a real broker: aggregated vs broker-only rate, peak RSS per N"),
+    "emulation": ("hw_profiles.bench_emulation", "emulated time of the same work alone vs K devices with and without core slots"),
 }
 
 
