@@ -3,10 +3,11 @@
 An emulated device's compute time comes from the CPU time its training used (`emulation.py`). When
 more device processes train at once than the host has cores, the kernel time-slices them, and every
 switch makes a process refill caches another one evicted: the same work then costs more CPU time
-(measured on this 2-core host, 4 processes x 1 thread: +4% idle, +7-26% with other load). So
+(`fftmoe bench emulation` measures it: 4 devices without slots against one alone, side by side). So
 emulated devices hold one slot per ORT thread while they train, and there are as many slots as
 cores this process may run on; a device that finds none free waits (in wall time, which emulation
-does not count). The same work then reports the same CPU time whether 1 or 8 devices share the host.
+does not count). The same work then reports about the same CPU time whether 1 or 8 devices share
+the host (the same bench, with slots).
 
 Slots are `flock` locks on files in one folder per user (`FFTMOE_CPU_SLOTS_DIR` overrides it), so
 every emulated device on the host shares them whoever started it, and the kernel releases a slot

@@ -17,7 +17,7 @@ COMMANDS = {
     "serve": ("broker_server.cli", "run the aggregation server (embedded MQTT broker unless --broker)", "server"),
     "run": ("hw_profiles.run", "emulate a heterogeneous federation on this machine (the main job)", "all"),
     "predict": ("edge_runtime.predict", "classify texts with the model a run produced", "edge"),
-    "bench": ("fftmoe.bench", "benchmarks: train-step, aggregate, accuracy", "all"),
+    "bench": ("fftmoe.bench", "benchmarks: train-step, aggregate, accuracy, fleet, emulation", "all"),
     "profiles": ("hw_profiles.cli", "list device profiles and the tier each maps to", "edge"),
     "bundle": ("hw_profiles.bundle", "build a self-contained device bundle (artifacts, config, install script, systemd unit)", "all"),
     "fleet": ("broker_server.fleet_cli", "provision a secure fleet for mosquitto: CA, certificates, credentials, ACL", "server"),
