@@ -120,6 +120,19 @@ def _paired_delta(row: dict, base: dict) -> str:
     return f"{100 * sum(diffs) / len(diffs):+.1f}"
 
 
+def varied_method(ablation: str) -> str:
+    """The method an ablation varies: the last `--method` of its flags, else fft-moe."""
+    flags = ABLATIONS.get(ablation, [])
+    methods = [flags[i + 1] for i, flag in enumerate(flags[:-1]) if flag == "--method"]
+    return methods[-1] if methods else "fft-moe"
+
+
+def _ablation_delta(row: dict, rows: list[dict], partition: str) -> str:
+    method = varied_method(row["name"])
+    base = next((r for r in rows if r["partition"] == partition and r["name"] == method), None)
+    return _paired_delta(row, base) + ("" if method == "fft-moe" else f" vs {method}") if base else "n/a"
+
+
 def render_markdown(result: dict) -> str:
     s, rows = result["settings"], result["rows"]
     lines = ["# fftmoe bench accuracy", "",
@@ -154,11 +167,10 @@ def render_markdown(result: dict) -> str:
         variants += [r for r in rows if r["partition"] == partition and r["kind"] == "ablation"]
         lines += [f"## Ablations (FFT-MoE at {partition})", ""] + _table(
             ["variant", "what changes", "seeds", "final test acc", "best test acc", "held-out acc",
-             "final vs fft-moe, same seeds (pp)"],
+             "final vs the method it varies (fft-moe unless named), same seeds (pp)"],
             [[r["name"], ABLATION_TEXT.get(r["name"], "none: both losses, samples weights, shared router"),
               ",".join(map(str, r["seeds"])), _pct(r["final_mean"], r["final_std"]), _pct(r["best_test_accuracy"]),
-              _pct(r["holdout_accuracy"]),
-              _paired_delta(r, base) if base and r is not base else "-"]
+              _pct(r["holdout_accuracy"]), _ablation_delta(r, rows, partition) if r is not base else "-"]
              for r in variants], left=2)
     if result["failed"]:
         lines += ["## Failed cells (run the bench again to retry them)", ""]

@@ -200,6 +200,7 @@ def test_tables_mean_spread_robustness_and_ablations(tmp_path):
     cells = [_cell("iid", "fft-moe", s, f) for s, f in ((0, 0.90), (1, 0.92), (2, 0.94))]
     cells += [_cell("dir0.1", "fft-moe", s, f) for s, f in ((0, 0.81), (1, 0.83), (2, 0.85))]
     cells += [_cell("iid", "local", 0, 0.70), _cell("dir0.1", "local", 0, 0.56), _cell("dir0.1", "no-het", 0, 0.80)]
+    cells += [_cell("dir0.1", "fedit", 0, 0.88), _cell("dir0.1", "fedit-label-skew", 0, 0.90)]
     result = tables.summary(cells, {"fleet": "pi4-4gb:2", "rounds": 2, "local_steps": 2}, [], pending=3)
     row = next(r for r in result["rows"] if r["partition"] == "iid" and r["name"] == "fft-moe")
     assert row["seeds"] == [0, 1, 2] and row["final_mean"] == pytest.approx(0.92)
@@ -218,8 +219,9 @@ def test_tables_mean_spread_robustness_and_ablations(tmp_path):
     assert _rows(markdown, "Robustness: final test accuracy as % of IID")["fft-moe"][1] == "90.2%"
     ablations = _rows(markdown, "Ablations (FFT-MoE at dir0.1)")
     # paired on the shared seed 0 (80.0 vs 81.0), not against the 3-seed mean (83.0)
-    assert list(ablations) == ["fft-moe", "no-het"] and ablations["no-het"][-1] == "-1.0"
-    assert "9 cells finished, 3 pending, 0 failed" in markdown
+    assert list(ablations) == ["fft-moe", "no-het", "fedit-label-skew"] and ablations["no-het"][-1] == "-1.0"
+    assert ablations["fedit-label-skew"][-1] == "+2.0 vs fedit"  # a baseline's variant against that baseline
+    assert "11 cells finished, 3 pending, 0 failed" in markdown
 
     tables.write_plot(tmp_path / "accuracy.png", result)
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
