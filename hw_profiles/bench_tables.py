@@ -27,6 +27,7 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "logit-prior": ["--logit-prior", "1"],
              "label-skew": ["--logit-prior", "1", "--own-labels-only"],
              "own-labels": ["--own-labels-only"],
+             "label-skew-tau0.5": ["--logit-prior", "0.5", "--own-labels-only"],
              "fedit-label-skew": ["--method", "fedit", "--logit-prior", "1", "--own-labels-only"]}  # last --method wins
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
@@ -41,6 +42,7 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "logit-prior": "devices train with their label prior in the logits (balanced softmax, tau 1)",
                  "label-skew": "logit-prior, and devices update only the head rows of labels they hold",
                  "own-labels": "devices update only the head rows of labels they hold (no prior)",
+                 "label-skew-tau0.5": "label-skew with half the prior (tau 0.5)",
                  "fedit-label-skew": "FedIT with label-skew's device training (not a published baseline)"}
 
 
