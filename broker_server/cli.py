@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "--max-attempts"):
         parser.add_argument(flag, type=int)
     for flag in ("--fraction", "--round-deadline-s", "--learning-rate", "--lambda-bal", "--lambda-het", "--gamma",
-                 "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier", "--logit-prior"):
+                 "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
+    parser.add_argument("--logit-prior", type=float, metavar="TAU",
+                        help="devices train with TAU x log of their own label prior added to the logits (balanced "
+                             "softmax; default 0: plain cross-entropy)")
     parser.add_argument("--personalise-router", action="store_true", default=None)
     parser.add_argument("--own-labels-only", action="store_true", default=None,
                         help="devices update only the head rows of labels they have samples of")
