@@ -12,6 +12,8 @@ from broker_server.methods import METHODS
 from broker_server.slots import DEFAULT_KEEP
 from edge_runtime.config_file import load_config, read_secret
 
+MAX_LOGIT_PRIOR = 10.0  # tau beyond this only multiplies a prior whose lacking labels are already ~5 nats down
+
 
 class ServerConfigError(ValueError):
     """A server setting is invalid; the message names it and its source."""
@@ -51,7 +53,7 @@ class ServerConfig:
     optimizer: str = "fedavg"
     server_lr: float = 1e-2
     personalise_router: bool = False
-    slot_keep: float = DEFAULT_KEEP  # share of a device's slots kept on its most-used experts (slots.py); 0: coverage only
+    slot_keep: float = DEFAULT_KEEP  # share of a device's slots kept on its most-used experts (slots.py); 0: coverage
     router_lr: float = 1.0  # server step on router rows (FedAvg): 1 averages them, 0 keeps the global gate
     clip_multiplier: float | None = None
     norm_policy: str = "clip"  # above clip_multiplier x previous median: "clip" or "reject"
@@ -75,7 +77,7 @@ class ServerConfig:
             (self.max_attempts >= 1 and self.local_steps >= 1, "max_attempts and local_steps must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.lambda_bal >= 0 and self.lambda_het >= 0 and self.gamma >= 0, "lambdas and gamma must be >= 0"),
-            (0 <= self.logit_prior <= 10, "logit_prior must be in [0, 10]"),
+            (0 <= self.logit_prior <= MAX_LOGIT_PRIOR, f"logit_prior must be in [0, {MAX_LOGIT_PRIOR:g}]"),
             (self.upload_dtype in ("float32", "float16"), "upload_dtype must be float32 or float16"),
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),

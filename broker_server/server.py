@@ -232,7 +232,8 @@ class AggregationServer:
                               lambda_bal=cfg.lambda_bal, lambda_het=cfg.lambda_het, het_target=target,
                               local_steps=cfg.local_steps, learning_rate=cfg.learning_rate,
                               deadline_s=cfg.round_deadline_s, upload_dtype=cfg.upload_dtype,
-                              logit_prior=cfg.logit_prior, own_labels_only=cfg.own_labels_only, params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
+                              logit_prior=cfg.logit_prior, own_labels_only=cfg.own_labels_only,
+                              params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
         return task, slot_map
 
     def _collect(self, round_: int, participants: list[str]) -> RoundOutcome | None:

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.local_state import atomic_write_bytes
-from hw_profiles.bench_tables import _DIR, ABLATIONS, METHODS, REFERENCES, render_markdown, summary, write_plot
+from hw_profiles.bench_tables import (
+    _DIR, ABLATIONS, METHODS, REFERENCES, render_markdown, summary, varied_method, write_plot,
+)
 from hw_profiles.report import finite, load_run, mean_known
 
 DEFAULT_FLEET = "pi-zero-2w:1,pi3b-plus:1,pi4-2gb:1,pi4-4gb:1,pi5-8gb:1,jetson-nano:1,orin-nano:1,agx-orin:1"
@@ -148,7 +150,7 @@ def cell_command(cell: Cell, args, run_dir: Path) -> list[str]:
     common += partition_flags(cell.partition) + ["--seed", str(cell.seed), "--out", str(run_dir)]
     if cell.name in REFERENCES:
         return [sys.executable, "-m", "hw_profiles.references", cell.name] + common
-    method = "fft-moe" if cell.kind == "ablation" else cell.name
+    method = varied_method(cell.name) if cell.kind == "ablation" else cell.name
     return [sys.executable, "-m", "fftmoe.cli", "run"] + common + ["--method", method] + ABLATIONS.get(cell.name, [])
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -52,6 +51,7 @@ def _progress(message: str) -> None:
 def resolve(args) -> tuple[Path, str]:
     """The export folder and tier to run; BenchError on a missing export or an unknown tier."""
     from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
+    from hw_profiles.global_model import serving_tier
 
     if args.artifacts is None:
         from hw_profiles.run import build_parser as run_parser, export_cached
@@ -64,8 +64,7 @@ def resolve(args) -> tuple[Path, str]:
     except ManifestError as err:
         raise BenchError(str(err)) from None
     if args.tier is None:  # the most adapter weights: the heaviest step
-        return args.artifacts, max(manifest.tiers.values(),
-                                   key=lambda t: sum(math.prod(p.shape) for p in t.params)).name
+        return args.artifacts, serving_tier(manifest)
     if args.tier not in manifest.tiers:
         raise BenchError(f"unknown tier {args.tier!r} in {args.artifacts} (have: {', '.join(manifest.tiers)})")
     return args.artifacts, args.tier

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker_server.config import MAX_LOGIT_PRIOR
 from broker_server.slots import DEFAULT_KEEP
 
 log = logging.getLogger("fftmoe.run")
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
                          (not 0 <= args.router_lr <= 1, f"--router-lr must be in [0, 1], got {args.router_lr}"),
                          (not 0 <= args.slot_keep <= 1, f"--slot-keep must be in [0, 1], got {args.slot_keep}"),
-                         (not 0 <= args.logit_prior <= 10, f"--logit-prior must be in [0, 10], got {args.logit_prior}"),
+                         (not 0 <= args.logit_prior <= MAX_LOGIT_PRIOR,
+                          f"--logit-prior must be in [0, {MAX_LOGIT_PRIOR:g}], got {args.logit_prior}"),
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
                           "fedadam"),
