@@ -130,6 +130,7 @@ class SlotSums:
         self._wf = 0.0  # the same as a Python float (what saxpy takes)
         self._wrows = np.zeros(experts * len(self.layers), np.float32)  # per-slot weights (activation weighting)
         self._wrow_list: list[float] = []
+        self._whead = np.zeros(0, np.float32)  # per-head-row weights of one update (`head_row_weights`)
         self._groups = {**{layer: [name for name, _ in cols] for layer, cols in self.layers.items()},
                         **{name: [name] for name in whole}}  # what spills together
         self._count = dict.fromkeys(self._groups, 0)  # updates added per group since begin
@@ -160,10 +161,20 @@ class SlotSums:
         self._wrow_list = self._wrows[:len(w)].tolist()
         return self._wrows[:len(w)].astype(np.float64)
 
-    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False) -> None:
+    def head_row_weights(self, w: np.ndarray) -> np.ndarray:
+        """Set per-row weights [C] of the head arrays (row y: the update's samples of label y) for
+        `add_update(..., head_rows=True)`; returns them as the sums use them (float32 values, as float64)."""
+        self._whead = np.asarray(w, dtype=np.float32).copy()
+        return self._whead.astype(np.float64)
+
+    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False,
+                   head_rows: bool = False) -> None:
         """inner[name][slots] += w * x for the plan's summed arrays (`fold_plan.FoldPlan`; the caller
-        checked the shapes). rows: layer slot i weighted by `row_weights`[i], else by `weight`; the head
-        always by `weight`. f32: every array is float32 (the caller's test), so each block is one saxpy."""
+        checked the shapes). rows: layer slot i weighted by `row_weights`[i], else by `weight`; head_rows:
+        head row y weighted by `head_row_weights`[y], else the head by `weight`. f32: every array is
+        float32 (the caller's test), so each block is one saxpy."""
+        if head_rows:
+            self._add_head_rows(plan, arrays)
         if f32:
             flats = [x.ravel() for x in arrays]  # views: C-contiguous (a copy otherwise, which reads the same)
             layer_ops, head_ops = plan.calls.get(rows) or self._calls(plan, rows)
@@ -175,20 +186,31 @@ class SlotSums:
             else:
                 for k, offset, n, acc, _ in layer_ops:
                     _saxpy(flats[k], acc, n, w, offset)  # acc[:n] += w * flats[k][offset:offset + n]; positional: cheaper
-            for k, n, acc in head_ops:
+            for k, n, acc in () if head_rows else head_ops:
                 _saxpy(flats[k], acc, n, w)
         else:  # float16 uploads, clipped float64 values: weigh into the scratch, then add
             for lp in plan.layers:
                 self._two_pass_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
-            for name, x in plan.head_arrays(arrays):
-                tmp = self._flat[:x.size].reshape(x.shape)
-                np.multiply(x, self._w, tmp)
-                np.add(self.inner[name], tmp, self.inner[name])
+            for name, x in () if head_rows else plan.head_arrays(arrays):
+                self._two_pass_whole(name, x, self._w)
         count, every = self._count, self.spill_every
         for group in plan.groups:  # every spill_every-th update of a group (layer, head array) spills it
             count[group] += 1
             if count[group] % every == 0:
                 self._spill(group)
+
+    def _two_pass_whole(self, name: str, x: np.ndarray, w: np.ndarray) -> None:
+        tmp = self._flat[:x.size].reshape(x.shape)
+        np.multiply(x, w, tmp)
+        np.add(self.inner[name], tmp, self.inner[name])
+
+    def _add_head_rows(self, plan, arrays: Sequence[np.ndarray]) -> None:
+        """The head arrays, row y (axis 0) weighted by `head_row_weights`[y]: a few small rows, so the
+        two-pass multiply and add whatever the dtype (a saxpy per row would save nothing here)."""
+        for name, x in plan.head_arrays(arrays):
+            if len(self._whead) != x.shape[0]:
+                raise ValueError(f"{name!r}: {x.shape[0]} head rows, {len(self._whead)} head row weights")
+            self._two_pass_whole(name, x, self._whead.reshape(-1, *([1] * (x.ndim - 1))))
 
     def _calls(self, plan, rows: bool) -> tuple[list, list]:
         """(layer saxpy calls as `_axpy_ops` gives them, with array and slot indices over the whole

@@ -1,9 +1,9 @@
 """FFT-MoE aggregation: a streaming, transport-agnostic strategy over named numpy arrays.
 
 It is the server's merge rule (docs/METHOD.md "Aggregation"): per parameter block b (expert e of
-layer l = row e on axis 0 of every slotted array of l; router row e of l; the head as one block)
-`theta_b = sum_{n holds b} w_nb theta_b^n / sum_{n holds b} w_nb`, w = samples or routed tokens, then
-an optional server optimiser (FedAvg, FedAdam) on the pseudo-gradient of the blocks held this round.
+layer l = row e on axis 0 of every slotted array of l; router row e of l; head row y)
+`theta_b = sum_{n holds b} w_nb theta_b^n / sum_{n holds b} w_nb`, w = samples or routed tokens (a
+head row: samples, or the update's samples of label y when it reports `label_counts`), then an optional server optimiser (FedAvg, FedAdam) on the pseudo-gradient of the blocks held this round.
 It also keeps the fleet's expert usage (EMA of token shares), computes the heterogeneity target q,
 validates updates and clips their norm. It is not a transport, a round scheduler or a file format:
 no MQTT, no wire decoding, no disk (the caller persists `optimizer_state()` as .npz).
@@ -77,6 +77,9 @@ class ParamSpace:
             raise ValueError("parameter space: every slotted array must have M rows on axis 0")
         self.layers = sorted({p.layer for p in slotted})
         self.by_layer = {layer: [p for p in slotted if p.layer == layer] for layer in self.layers}
+        if len({p.shape[:1] for p in self.head}) > 1:
+            raise ValueError("parameter space: every head array must have one row per label on axis 0")
+        self.head_rows = self.head[0].shape[0] if self.head and self.head[0].shape else 1  # C, the labels
 
     def tier_shapes(self, layers: Sequence[int], slots: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes a device with `slots` slots in `layers` trains (expected shapes for validation)."""
@@ -101,6 +104,7 @@ class ClientUpdate:
     slot_map: dict[int, list[int]]  # layer -> global expert held in each local slot
     num_samples: int
     expert_tokens: dict[int, np.ndarray]  # layer -> [M_t] tokens routed to each local slot
+    label_counts: np.ndarray | None = None  # [C] training samples per label: head row y weighs that many
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,7 @@ class RoundPartial:
     sums: dict[str, np.ndarray]  # name -> int64 fixed-point sum (exact_sums.py)
     den: dict[int, list[float]]  # layer -> [M] weight per global expert
     tokens: dict[int, list[float]]  # layer -> [M] tokens routed per global expert
-    head_den: float
+    head_den: list[float]  # weight per head row (one number: the same for every row)
     clients: int
     samples: int
     bytes_folded: int
@@ -217,7 +221,7 @@ class FftMoeStrategy(Strategy):
         self._sums.reset()
         self._tally.reset()
         self._clients = self._samples = self._bytes = self._clipped = 0
-        self._head_den = 0.0
+        self._head_den = np.zeros(self.space.head_rows)  # weight per head row
         self._norms: list[float] = []  # 8 B per client, only when clipping by median
         bounds = [b for b in (self.config.clip_bound,
                               self.config.clip_multiplier and self.config.clip_multiplier * self._prev_median)
@@ -247,7 +251,9 @@ class FftMoeStrategy(Strategy):
         try:
             samples = sums.weight(update.num_samples)  # the weight the sums use, as a float
             row_weights = sums.row_weights(tokens) if by_tokens else None
-            sums.add_update(plan, arrays, rows=by_tokens, f32=f32)
+            by_label = update.label_counts is not None
+            head_weights = sums.head_row_weights(update.label_counts) if by_label else samples
+            sums.add_update(plan, arrays, rows=by_tokens, f32=f32, head_rows=by_label)
             sums.commit()
         except ValueError as err:
             if not self.config.exact:
@@ -258,7 +264,7 @@ class FftMoeStrategy(Strategy):
             self._norms.append(norm)
             self._clipped += clipped
         self._tally.add(plan, samples, tokens, row_weights)
-        self._head_den += samples
+        self._head_den += head_weights
         self._clients += 1
         self._samples += int(update.num_samples)
         if f32 and len(update.params) == len(plan.names):
@@ -271,7 +277,8 @@ class FftMoeStrategy(Strategy):
         if not self.config.exact:
             raise RuntimeError("partial sums merge exactly only with AggregationConfig(exact=True)")
         return RoundPartial(self._sums.partial(), {k: v.tolist() for k, v in self._tally.weights().items()},
-                            {k: v.tolist() for k, v in self._tally.tokens().items()}, self._head_den, self._clients,
+                            {k: v.tolist() for k, v in self._tally.tokens().items()}, self._head_den.tolist(),
+                            self._clients,
                             self._samples, self._bytes, self._clipped, list(self._norms))
 
     def merge(self, part: RoundPartial) -> None:
@@ -280,9 +287,12 @@ class FftMoeStrategy(Strategy):
         are exact too)."""
         if self._global is None or not self.config.exact:
             raise RuntimeError("merge() needs begin_round() and AggregationConfig(exact=True)")
+        head_den = np.asarray(part.head_den, dtype=np.float64)
+        if head_den.shape not in ((1,), self._head_den.shape):
+            raise ValueError(f"partial sums weigh {len(head_den)} head rows; the head has {len(self._head_den)}")
         self._tally.merge(part.den, part.tokens)  # checks the layers and experts first
         self._sums.merge(part.sums)
-        self._head_den += part.head_den
+        self._head_den += head_den
         self._clients += part.clients
         self._samples += part.samples
         self._bytes += part.bytes_folded
@@ -310,6 +320,9 @@ class FftMoeStrategy(Strategy):
             raise ValueError(f"{name!r}: shape {shape}, expected {expected} for the update's slot map")
         if [len(c) for c in counts] != plan.token_lens:
             raise ValueError("the routed tokens and the slot map disagree on the slots")
+        if update.label_counts is not None and np.shape(update.label_counts) != self._head_den.shape:
+            raise ValueError(f"label_counts: shape {np.shape(update.label_counts)}, expected {self._head_den.shape} "
+                             "(one count per head row)")
         return plan, arrays, np.concatenate(counts).astype(np.float64, copy=False)
 
     def finish(self) -> tuple[dict[str, np.ndarray], RoundStats]:
@@ -357,8 +370,9 @@ class FftMoeStrategy(Strategy):
     def _held_rows(self, p: ParamEntry, weights: Mapping[int, np.ndarray]) -> slice | np.ndarray | None:
         """The rows of `p` someone held this round: all of them as a slice (a view, where a boolean mask
         would copy: finish() went from 6.4 to N ms), a boolean mask [M], or None for none."""
-        if p.slot_axis is None:
-            return slice(None) if self._head_den > 0 else None
+        if p.slot_axis is None:  # a head row is held by the updates that weigh it (label counts)
+            held = self._head_den > 0
+            return slice(None) if held.all() else held if held.any() else None
         if p.name not in self._names[p.layer]:
             return None  # personalised router: never aggregated
         held = weights[p.layer] > 0
@@ -368,8 +382,9 @@ class FftMoeStrategy(Strategy):
         """The weighted average of the held rows (the head: the whole array), float64."""
         total = self._sums.total(p.name)  # float64 [M, ...], a new array
         if p.slot_axis is None:
-            return np.divide(total, self._head_den, out=total)
-        den = weights[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
+            den = self._head_den.reshape(-1, *([1] * (len(p.shape) - 1)))  # [C, 1, ...]
+        else:
+            den = weights[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
         if isinstance(rows, slice):
             return np.divide(total, den, out=total)
         return total[rows] / den[rows]

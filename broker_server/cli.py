@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--personalise-router", action="store_true", default=None)
     parser.add_argument("--own-labels-only", action="store_true", default=None,
                         help="devices update only the head rows of labels they have samples of")
+    parser.add_argument("--head-weighting",
+                        help="head row y averaged with weights |D_n| (samples, default) or each device's samples "
+                             "of label y (labels: devices report their label counts)")
     parser.add_argument("--exact", action="store_true", default=None,
                         help="exact integer aggregation: the same bits in any update order (what --workers uses)")
     parser.add_argument("--workers", type=int, help="coordinate this many aggregator workers (default 0: fold here)")

@@ -12,6 +12,7 @@ from broker_server.methods import METHODS
 from broker_server.slots import DEFAULT_KEEP
 from edge_runtime.config_file import load_config, read_secret
 
+HEAD_WEIGHTINGS = ("samples", "labels")  # ServerConfig.head_weighting
 MAX_LOGIT_PRIOR = 10.0  # tau beyond this only multiplies a prior whose lacking labels are already ~5 nats down
 
 
@@ -47,6 +48,7 @@ class ServerConfig:
     gamma: float = 1.0
     logit_prior: float = 0.0  # tau of the devices' label prior in their training logits (RoundTask.logit_prior)
     own_labels_only: bool = False  # devices update only the head rows of labels they hold (RoundTask)
+    head_weighting: str = "samples"  # head row y weighted by |D_n| ("samples") or the device's samples of y ("labels")
     upload_dtype: str = "float32"
     method: str = "fft-moe"  # or a LoRA baseline: fedit, hetlora, flexlora (needs a LoRA export)
     weighting: str = "samples"
@@ -79,6 +81,7 @@ class ServerConfig:
             (self.lambda_bal >= 0 and self.lambda_het >= 0 and self.gamma >= 0, "lambdas and gamma must be >= 0"),
             (0 <= self.logit_prior <= MAX_LOGIT_PRIOR, f"logit_prior must be in [0, {MAX_LOGIT_PRIOR:g}]"),
             (self.upload_dtype in ("float32", "float16"), "upload_dtype must be float32 or float16"),
+            (self.head_weighting in HEAD_WEIGHTINGS, f"head_weighting must be one of {', '.join(HEAD_WEIGHTINGS)}"),
             (0 <= self.port <= 65535, "port must be in [0, 65535]"),
             (self.chunk_size >= 1024, "chunk_size must be >= 1024"),
             (self.norm_policy in ("clip", "reject"), "norm_policy must be 'clip' or 'reject'"),

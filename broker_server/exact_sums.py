@@ -64,9 +64,10 @@ class ExactSums:
         self.acc = {name: np.zeros(shape, np.int64) for name, shape in shapes.items()}
         # this round's weight sum per block (per layer and expert; per whole array), for the range check
         self._weight_sum = {**{layer: np.zeros(experts, np.int64) for layer in self.layers},
-                            **{name: np.zeros(1, np.int64) for name in whole}}
+                            **{name: np.zeros(shape[0] if shape else 1, np.int64) for name, shape in whole.items()}}
         self._w = 0
         self._wrows = np.zeros(experts * len(self.layers), np.int64)  # per-slot weights of one update
+        self._whead = np.zeros(0, np.int64)  # per-head-row weights of one update
         self._staged: list[tuple] = []  # (name, rows, int64 terms) of the update being folded
         self._weights: list[tuple] = []  # (layer or whole name, rows, int64 weights) of that update
         # preallocated scratch (fresh arrays of this size would be mmap'd and page-faulted per update):
@@ -94,15 +95,29 @@ class ExactSums:
         self._wrows[:len(values)] = values
         return np.array(values, dtype=np.float64)
 
-    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False) -> None:
+    def head_row_weights(self, w: np.ndarray) -> np.ndarray:
+        """Per-row integer weights [C] of the head arrays (row y: samples of label y) for
+        `add_update(..., head_rows=True)`; returns them as float64."""
+        values = [_integer_weight(v, "label counts") for v in np.asarray(w).tolist()]
+        self._whead = np.array(values, dtype=np.int64)
+        return self._whead.astype(np.float64)
+
+    def add_update(self, plan, arrays: Sequence[np.ndarray], rows: bool = False, f32: bool = False,
+                   head_rows: bool = False) -> None:
         """Stage w x for the plan's summed arrays (`fold_plan.FoldPlan`; the caller checked the shapes),
-        applied by `commit`. rows: layer slot i weighted by `row_weights`[i], else by `weight`; the head
-        always by `weight`. (f32 is SlotSums' fast-path hint; every dtype takes the same path here.)"""
+        applied by `commit`. rows: layer slot i weighted by `row_weights`[i], else by `weight`; head_rows:
+        head row y weighted by `head_row_weights`[y], else the head by `weight`. (f32 is SlotSums'
+        fast-path hint; every dtype takes the same path here.)"""
         for lp in plan.layers:
             self._add_layer(lp.layer, arrays[lp.first:lp.end], lp.runs, rows, lp.row0)
         for name, x in plan.head_arrays(arrays):
-            self._check_range(name, slice(None), np.array([self._w]))
-            self._staged.append((name, slice(None), self._stage(x, np.float32(self._w * _SCALE), name)))
+            if head_rows and len(self._whead) != x.shape[0]:
+                raise ValueError(f"{name!r}: {x.shape[0]} head rows, {len(self._whead)} head row weights")
+            weights = self._whead if head_rows else np.array([self._w])
+            self._check_range(name, slice(None), weights)
+            scale = weights.astype(np.float32) * np.float32(_SCALE)  # exact: w < 2^21
+            scale = scale.reshape(-1, *([1] * (x.ndim - 1))) if head_rows else scale[0]
+            self._staged.append((name, slice(None), self._stage(x, scale, name)))
 
     def _add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool, row0: int) -> None:
         m_t = len(xs[0]) if xs else 0

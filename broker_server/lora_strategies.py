@@ -41,6 +41,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_server.aggregation import RoundStats, Strategy
+from broker_server.update_checks import label_count_problems
 from edge_runtime import manifest
 
 # Suffixes of the factor names the exporter writes (edge_runtime.manifest), and of FlexLoRA's global product.
@@ -56,6 +57,7 @@ class LoraUpdate:
     params: dict[str, np.ndarray]  # <base>.fftmoe_lora_A [rank, d_in], <base>.fftmoe_lora_B [d_out, rank], head arrays
     num_samples: int
     rank: int
+    label_counts: np.ndarray | None = None  # [C] training samples per label: head row y weighs that many
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,8 @@ class _LoraStrategy(Strategy):
             raise ValueError(f"r_max must be an integer in [1, {smallest}] (the smallest adapted dimension), "
                              f"got {r_max!r}")
         self.space, self.r_max, self.rounds = space, r_max, 0
+        rows = {shape[0] for shape in space.head.values() if shape}
+        self._head_rows = rows.pop() if len(rows) == 1 else None  # C, the labels (None: no head to weigh by row)
         self._global: dict[str, np.ndarray] | None = None
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -126,6 +130,7 @@ class _LoraStrategy(Strategy):
         n, rank = update.num_samples, update.rank
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
             problems.append(f"num_samples must be a positive integer, got {n!r}")
+        problems += label_count_problems(update.label_counts, n, self._head_rows)
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
             return problems + [f"rank must be an integer, got {rank!r}"]
         if (problem := self._rank_problem(int(rank))) is not None:
@@ -161,7 +166,7 @@ class _LoraStrategy(Strategy):
                              f"{wrong} (expected {shapes})")
         self._global = {n: np.array(global_arrays[n], copy=True) for n in shapes}
         self._sums = {n: np.zeros(s) for n, s in shapes.items()}  # float64 sum_n w_n x_n
-        self._den = 0.0  # sum_n w_n, over every client (the head)
+        self._den = np.zeros(self._head_rows or 1)  # per head row: sum_n w_n (or the label counts)
         self._den_of = dict.fromkeys(self.space.adapted, 0.0)  # per adapted weight, over the clients holding it
         self._clients = self._samples = self._bytes = 0
 
@@ -172,13 +177,15 @@ class _LoraStrategy(Strategy):
         if problems:
             raise ValueError(f"update from {update.device_id!r} rejected: " + "; ".join(problems))
         w = float(update.num_samples)
+        head_w = w if update.label_counts is None else np.asarray(update.label_counts, dtype=np.float64)
         for name in self.space.head:
-            self._sums[name] += w * update.params[name].astype(np.float64)
+            x = update.params[name].astype(np.float64)
+            self._sums[name] += head_w * x if np.ndim(head_w) == 0 else head_w.reshape(-1, *[1] * (x.ndim - 1)) * x
         for base in self._bases(update):
             self._fold_adapter(base, update.params[base + LORA_A].astype(np.float64),
                                update.params[base + LORA_B].astype(np.float64), int(update.rank), w)
             self._den_of[base] += w
-        self._den += w
+        self._den += head_w
         self._clients += 1
         self._samples += int(update.num_samples)
         self._bytes += sum(a.nbytes for a in update.params.values())
@@ -193,11 +200,14 @@ class _LoraStrategy(Strategy):
             raise RuntimeError("finish() before begin_round()")
         new, sq = {}, 0.0
         for name, old in self._global.items():
-            den = self._den if name.startswith(HEAD_PREFIX) else self._den_of[name.rsplit(".", 1)[0]]
-            if den == 0:  # nobody held it this round: the global stays
+            if name.startswith(HEAD_PREFIX):  # per row: a row nobody weighted keeps its value
+                den = self._den.reshape(-1, *[1] * (old.ndim - 1))
+                agg = np.where(den > 0, self._sums[name] / np.maximum(den, 1e-300), old)
+            elif (den := self._den_of[name.rsplit(".", 1)[0]]) == 0:  # nobody held it this round: the global stays
                 new[name] = old
                 continue
-            agg = self._sums[name] / den  # float64
+            else:
+                agg = self._sums[name] / den  # float64
             sq += float(np.sum((agg - old) ** 2))
             new[name] = agg.astype(old.dtype)
         stats = RoundStats(round=self.rounds, clients=self._clients, samples=self._samples,

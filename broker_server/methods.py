@@ -66,7 +66,8 @@ class MoeMethod:
                             params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
                             slot_map=slot_map, num_samples=message.num_samples,
                             expert_tokens={int(k): np.asarray(v, dtype=np.float64)
-                                           for k, v in message.expert_tokens.items()})
+                                           for k, v in message.expert_tokens.items()},
+                            label_counts=label_counts(message))
 
     def problems(self, update: ClientUpdate, tier: TierEntry) -> list[str]:
         expected = self.space.tier_shapes(list(tier.adapted_layers), tier.experts_held)
@@ -140,7 +141,7 @@ class LoraMethod:
     def to_update(self, message: wire.Update, slot_map, tier: TierEntry) -> LoraUpdate:
         return LoraUpdate(device_id=message.device_id,
                           params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
-                          num_samples=message.num_samples, rank=tier.rank)
+                          num_samples=message.num_samples, rank=tier.rank, label_counts=label_counts(message))
 
     def problems(self, update: LoraUpdate, tier: TierEntry) -> list[str]:
         expected = {p.name for p in tier.params}
@@ -166,6 +167,11 @@ class LoraMethod:
         if optimizer:
             raise MethodError(f"the state folder holds server-optimiser state, which {self.method} never writes: "
                               "it belongs to an FFT-MoE run; use a new --state-dir")
+
+
+def label_counts(message: wire.Update) -> np.ndarray | None:
+    """The update's samples per label as a float64 vector, or None when it reported none."""
+    return np.asarray(message.label_counts, dtype=np.float64) if message.label_counts else None
 
 
 def make_method(name: str, manifest: Manifest, config: AggregationConfig, gamma: float,

@@ -233,6 +233,7 @@ class AggregationServer:
                               local_steps=cfg.local_steps, learning_rate=cfg.learning_rate,
                               deadline_s=cfg.round_deadline_s, upload_dtype=cfg.upload_dtype,
                               logit_prior=cfg.logit_prior, own_labels_only=cfg.own_labels_only,
+                              report_label_counts=cfg.head_weighting == "labels",
                               params={k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()})
         return task, slot_map
 

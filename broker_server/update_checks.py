@@ -1,7 +1,7 @@
 """Structural and value checks of one client update against its tier, before it reaches a strategy.
 
-`validate_update` lists every problem (names, shapes, dtypes, NaN / Inf, sample count, slot map,
-token counts) so the server can reject an update with all its reasons at once. It folds nothing and
+`validate_update` lists every problem (names, shapes, dtypes, NaN / Inf, sample and label counts,
+slot map, token counts) so the server can reject an update with all its reasons at once. It folds nothing and
 knows no transport; the exact-aggregation range (exact_sums.py) is checked where values are staged.
 """
 
@@ -41,6 +41,8 @@ def validate_update(update: ClientUpdate, expected: Mapping[str, tuple[int, ...]
     n = update.num_samples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         problems.append(f"num_samples must be a positive integer, got {n!r}")
+    head_rows = {shape[0] for name, shape in expected.items() if layer_of(name) is None and shape}
+    problems += label_count_problems(update.label_counts, n, head_rows.pop() if len(head_rows) == 1 else None)
     slots_of = {layer_of(name): shape[0] for name, shape in expected.items() if layer_of(name) is not None}
     for what, given in (("slot_map", update.slot_map), ("expert_tokens", update.expert_tokens)):
         if set(given) != set(slots_of):
@@ -63,3 +65,18 @@ def validate_update(update: ClientUpdate, expected: Mapping[str, tuple[int, ...]
             elif not np.all(np.isfinite(t)) or np.any(t < 0):
                 problems.append(f"expert_tokens[{layer}] must be finite and >= 0")
     return problems
+
+
+def label_count_problems(counts, num_samples, head_rows: int | None) -> list[str]:
+    """Problems with an update's samples per label (None: it reported none): one non-negative integer
+    per head row, summing to num_samples (the weight the rest of the update carries)."""
+    if counts is None:
+        return []
+    c = np.asarray(counts)
+    if head_rows is None or c.shape != (head_rows,):
+        return [f"label_counts: shape {c.shape}, expected one count per head row ({head_rows})"]
+    if c.dtype.kind not in "iuf" or not np.all(np.isfinite(c)) or np.any(c < 0) or np.any(c != np.floor(c)):
+        return ["label_counts must be integers >= 0"]
+    if c.sum() != num_samples:
+        return [f"label_counts sum to {c.sum():g}, not num_samples {num_samples!r}"]
+    return []

@@ -68,7 +68,7 @@ def partial_message(worker_id: str, round_: int, session: str, devices: list[str
     """A strategy's `partial()` as the WorkerPartial a worker sends (None: nothing folded)."""
     if part is None:
         return wire.WorkerPartial(worker_id=worker_id, round=round_, session=session, devices=[], den={},
-                                  tokens={}, head_den=0.0, samples=0, bytes_folded=0, clipped=0, norms=[])
+                                  tokens={}, head_den=[], samples=0, bytes_folded=0, clipped=0, norms=[])
     return wire.WorkerPartial(
         worker_id=worker_id, round=round_, session=session, devices=list(devices),
         den={str(k): v for k, v in part.den.items()}, tokens={str(k): v for k, v in part.tokens.items()},

@@ -210,7 +210,8 @@ class DeviceAgent:
         update = wire.Update(device_id=cfg.device_id, round=task.round, tier=tier.name, params=result.params,
                              expert_tokens={layer: [int(round(x)) for x in result.expert_tokens[i]]
                                             for i, layer in enumerate(layers)},
-                             num_samples=self.dataset.train_size, metrics=metrics)
+                             num_samples=self.dataset.train_size, metrics=metrics,
+                             label_counts=[int(c) for c in counts] if task.report_label_counts else [])
         encode_start = time.perf_counter()
         try:
             chunks = self._encode(update, task.upload_dtype)

@@ -28,8 +28,10 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "label-skew": ["--logit-prior", "1", "--own-labels-only"],
              "own-labels": ["--own-labels-only"],
              "label-skew-tau0.5": ["--logit-prior", "0.5", "--own-labels-only"],
-             "fedit-label-skew": ["--logit-prior", "1", "--own-labels-only"]}
-ABLATION_METHOD = {"fedit-label-skew": "fedit"}  # the method an ablation varies, where it is not fft-moe
+             "fedit-label-skew": ["--logit-prior", "1", "--own-labels-only"],
+             "label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"],
+             "fedit-label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"]}
+ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}  # the method an ablation varies, where it is not fft-moe
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
 
@@ -44,7 +46,9 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "label-skew": "logit-prior, and devices update only the head rows of labels they hold",
                  "own-labels": "devices update only the head rows of labels they hold (no prior)",
                  "label-skew-tau0.5": "label-skew with half the prior (tau 0.5)",
-                 "fedit-label-skew": "FedIT with label-skew's device training (not a published baseline)"}
+                 "fedit-label-skew": "FedIT with label-skew's device training (not a published baseline)",
+                 "label-head": "label-skew, and head row y averaged by the devices' samples of label y",
+                 "fedit-label-head": "FedIT with label-head's device training and head rows (not a published baseline)"}
 
 
 def _order(partition: str, name: str) -> tuple:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.config import MAX_LOGIT_PRIOR
+from broker_server.config import HEAD_WEIGHTINGS, MAX_LOGIT_PRIOR
 from broker_server.slots import DEFAULT_KEEP
 
 log = logging.getLogger("fftmoe.run")
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "softmax; 0 = plain cross-entropy; default %(default)s)")
     p.add_argument("--own-labels-only", action="store_true",
                    help="devices update only the head rows of labels they have samples of")
+    p.add_argument("--head-weighting", choices=HEAD_WEIGHTINGS, default="samples",
+                   help="head row y averaged with weights |D_n| (samples, default) or each device's samples of "
+                        "label y (labels: devices report their label counts)")
     p.add_argument("--upload-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--round-deadline-s", type=float, default=600.0, help="host wall-clock deadline per round")
     p.add_argument("--seed", type=int, default=0)
@@ -227,7 +230,7 @@ def _run(args, fleet) -> int:
                               round_deadline_s=args.round_deadline_s, local_steps=args.local_steps,
                               learning_rate=args.learning_rate, lambda_bal=args.lambda_bal,
                               lambda_het=args.lambda_het, logit_prior=args.logit_prior,
-                              own_labels_only=args.own_labels_only,
+                              own_labels_only=args.own_labels_only, head_weighting=args.head_weighting,
                               upload_dtype=args.upload_dtype, seed=args.seed,
                               method=args.method, weighting=args.weighting,
                               personalise_router=args.personalise_router and not args.serve_averaged_router,

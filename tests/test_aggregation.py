@@ -112,6 +112,42 @@ def test_activation_weighting_uses_routed_tokens_and_head_uses_samples():
     assert_row(expert_rows(new_s, space)["w1"], 0, 1.0)
 
 
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_label_counts_weigh_each_head_row_and_a_row_nobody_has_keeps_its_value(exact, dtype):
+    """A reports labels (1, 0), B (1, 2): row 0 averages both by their samples of label 0, row 1 is B's
+    alone; experts keep the samples rule. With C (no counts) in the round, it weighs every row by its 4."""
+    space = tiny_space()
+    start = global_arrays(space)
+    a = _with(client(space, **A), label_counts=np.array([1.0, 0.0]))
+    b = _with(client(space, **B), label_counts=np.array([1.0, 2.0]))
+    a, b = (_with(u, params={k: v.astype(dtype) for k, v in u.params.items()}) for u in (a, b))
+    config = AggregationConfig(exact=exact)
+    new, _ = run(space, config, [a, b], start)
+    np.testing.assert_array_equal(new[HEAD_B], np.array([(1 * 1.0 + 1 * 5.0) / 2, 5.0], np.float32))
+    np.testing.assert_array_equal(new[HEAD_W], np.array([[3.0, 3.0], [5.0, 5.0]], np.float32))
+    assert_row(new[PREFIX + "w1"], 1, (1 * 2.0 + 3 * 6.0) / 4)  # experts: samples, as without counts
+    only_label_0 = _with(b, label_counts=np.array([3.0, 0.0]))
+    new, _ = run(space, config, [a, only_label_0], start)
+    np.testing.assert_array_equal(new[HEAD_B], np.array([(1 * 1.0 + 3 * 5.0) / 4, start[HEAD_B][1]], np.float32))
+    np.testing.assert_array_equal(new[HEAD_W][1], start[HEAD_W][1])  # nobody holds label 1: unchanged
+    c = client(space, **dict(B, head_value=9.0, samples=4, device="C"))
+    new, _ = run(space, config, [a, b, c], start)
+    np.testing.assert_array_equal(new[HEAD_B], np.array([(1 + 5 + 4 * 9.0) / 6, (2 * 5.0 + 4 * 9.0) / 6],
+                                                        np.float32))
+
+
+def test_label_counts_of_the_wrong_length_are_refused_before_any_sum_changes():
+    space = tiny_space()
+    strategy = FftMoeStrategy(space)
+    strategy.begin_round(global_arrays(space))
+    with pytest.raises(ValueError, match="label_counts: shape"):
+        strategy.fold(_with(client(space, **A), label_counts=np.array([1.0, 0.0, 0.0])))
+    strategy.fold(client(space, **B))
+    new, stats = strategy.finish()
+    assert stats.clients == 1 and new[HEAD_B].tolist() == [5.0, 5.0]
+
+
 def test_activation_and_samples_differ_on_expert_one():
     space = tiny_space()
     b = dict(B, tokens=[4.0, 1.0])
@@ -231,7 +267,8 @@ def _good():
 
 def _with(update, **changes):
     fields = dict(device_id=update.device_id, params=dict(update.params), slot_map=dict(update.slot_map),
-                  num_samples=update.num_samples, expert_tokens=dict(update.expert_tokens))
+                  num_samples=update.num_samples, expert_tokens=dict(update.expert_tokens),
+                  label_counts=update.label_counts)
     fields.update(changes)
     return ClientUpdate(**fields)
 
@@ -279,18 +316,26 @@ def test_norm_clip_fixed_bound_and_median_of_previous_round():
     assert float(strategy.optimizer_state()["clip.prev_median"]) == pytest.approx(math.sqrt(elements))
 
 
-def _random_updates(space: ParamSpace, count: int, seed: int) -> list[ClientUpdate]:
+def _random_updates(space: ParamSpace, count: int, seed: int, labels: bool = False) -> list[ClientUpdate]:
+    """labels: each update reports label counts, skewed so most lack some labels; the last label is
+    reported by nobody (its head row must keep its value)."""
     rng = np.random.default_rng(seed)
     updates = []
     for i in range(count):
         slots_held = int(rng.integers(1, space.experts + 1))
         layers = space.layers[-int(rng.integers(1, len(space.layers) + 1)):]
         shapes = space.tier_shapes(layers, slots_held)
+        samples = int(rng.integers(1, 500))
+        counts = None
+        if labels:
+            counts = np.zeros(space.head_rows)
+            counts[:-1] = rng.multinomial(samples, rng.dirichlet([0.2] * (space.head_rows - 1)))
         updates.append(ClientUpdate(
             device_id=f"d{i}", params={n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()},
             slot_map={layer: [int(g) for g in rng.permutation(space.experts)[:slots_held]] for layer in layers},
-            num_samples=int(rng.integers(1, 500)),
-            expert_tokens={layer: rng.integers(0, 1000, slots_held).astype(np.float64) for layer in layers}))
+            num_samples=samples,
+            expert_tokens={layer: rng.integers(0, 1000, slots_held).astype(np.float64) for layer in layers},
+            label_counts=counts))
     return updates
 
 
@@ -298,11 +343,12 @@ def _batch_average(space, start, updates, weighting, dtype=np.float32):
     """The merge rule written directly over all updates at once (float64), rounded to `dtype`."""
     out = {}
     for p in space.entries:
-        num, den = np.zeros(p.shape), np.zeros(p.shape[0] if p.layer is not None else 1)
+        num, den = np.zeros(p.shape), np.zeros(p.shape[0])
         for u in updates:
-            if p.layer is None:
-                num += u.num_samples * u.params[p.name].astype(np.float64)
-                den += u.num_samples
+            if p.layer is None:  # head row y: samples, or the update's samples of label y
+                w = np.full(p.shape[0], u.num_samples) if u.label_counts is None else u.label_counts
+                num += w.reshape(-1, *([1] * (len(p.shape) - 1))) * u.params[p.name].astype(np.float64)
+                den += w
             elif p.layer in u.slot_map:
                 for i, g in enumerate(u.slot_map[p.layer]):
                     w = u.num_samples if weighting == "samples" else u.expert_tokens[p.layer][i]
@@ -310,20 +356,17 @@ def _batch_average(space, start, updates, weighting, dtype=np.float32):
                     den[g] += w
         held = den > 0
         avg = start[p.name].astype(np.float64)
-        if p.layer is None:
-            avg = num / den[0]
-        else:
-            avg[held] = num[held] / den[held].reshape(-1, *([1] * (len(p.shape) - 1)))
+        avg[held] = num[held] / den[held].reshape(-1, *([1] * (len(p.shape) - 1)))
         out[p.name] = avg.astype(dtype)
     return out
 
 
-@pytest.mark.parametrize("weighting", ["samples", "activation"])
-def test_streaming_equals_batch_any_order_and_same_order_is_bit_identical(weighting):
-    space = builtin_space(hidden=6, rank=3, experts=5, layers=3, classes=3)
+@pytest.mark.parametrize("weighting,labels", [("samples", False), ("activation", False), ("samples", True)])
+def test_streaming_equals_batch_any_order_and_same_order_is_bit_identical(weighting, labels):
+    space = builtin_space(hidden=6, rank=3, experts=5, layers=3, classes=4)
     rng = np.random.default_rng(7)
     start = {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in space.entries}
-    updates = _random_updates(space, 9, seed=1)
+    updates = _random_updates(space, 9, seed=1, labels=labels)
     cfg = AggregationConfig(weighting=weighting)
     forward, _ = run(space, cfg, updates, start)
     expected = _batch_average(space, start, updates, weighting)

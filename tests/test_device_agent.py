@@ -154,7 +154,8 @@ def test_personal_router_rows_stay_on_the_device(tiny_export, data_file, tmp_pat
 
 def test_a_task_with_a_logit_prior_trains_with_the_devices_own_label_prior(tiny_export, tmp_path):
     """RoundTask.logit_prior: a device holding one label trains with its prior in the logits (its training
-    loss starts low), and the head bias it uploads carries no trace of the prior."""
+    loss starts low), and the head bias it uploads carries no trace of the prior. Its label counts leave
+    the device only when the task asks (report_label_counts)."""
     from tests.tiny_model import LABELS
     one_label = write_tiny_dataset(tmp_path / "one.csv", rows=40, labels=LABELS[:1])
     with running_broker("embedded", tmp_path) as url, \
@@ -163,9 +164,12 @@ def test_a_task_with_a_logit_prior_trains_with_the_devices_own_label_prior(tiny_
         for round_, tau in ((0, 0.0), (1, 1.0)):
             task = task_for(tiny_export, "small", "dev6", round_=round_, steps=2)
             harness.send("dev6", wire.encode(wire.RoundTask(**{**task.__dict__, "logit_prior": tau,
-                                                              "learning_rate": 1e-6})))
+                                                              "learning_rate": 1e-6,
+                                                              "report_label_counts": tau > 0})))
             updates[tau] = harness.wait_for(wire.Update, "dev6")
         assert updates[1.0].metrics["loss"] < 0.3 * updates[0.0].metrics["loss"]
+        assert updates[0.0].label_counts == []  # not asked: no label counts leave the device
+        assert updates[1.0].label_counts == [updates[1.0].num_samples] + [0] * (len(LABELS) - 1)
         bias = "fftmoe_head.bias"
         np.testing.assert_allclose(updates[1.0].params[bias], task.params[bias], atol=1e-4)
         stop()

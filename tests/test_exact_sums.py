@@ -4,6 +4,8 @@ rejected without a trace. Tiny parameter spaces built here; no broker."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -33,13 +35,13 @@ def _bits(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
     return {name: a.tobytes() for name, a in arrays.items()}
 
 
-@pytest.mark.parametrize("weighting", ["samples", "activation"])
-def test_any_order_and_any_split_between_workers_is_bit_identical(weighting):
-    space = builtin_space(hidden=6, rank=3, experts=5, layers=3, classes=3)
+@pytest.mark.parametrize("weighting,labels", [("samples", False), ("activation", False), ("samples", True)])
+def test_any_order_and_any_split_between_workers_is_bit_identical(weighting, labels):
+    space = builtin_space(hidden=6, rank=3, experts=5, layers=3, classes=4)
     rng = np.random.default_rng(3)
     start = {p.name: rng.standard_normal(p.shape).astype(np.float32) for p in space.entries}
-    updates = _random_updates(space, 12, seed=2)
-    cfg = AggregationConfig(weighting=weighting, exact=True, clip_bound=40.0)  # some updates get clipped
+    updates = _random_updates(space, 12, seed=2, labels=labels)
+    cfg = AggregationConfig(weighting=weighting, exact=True, clip_bound=30.0)  # some updates get clipped
     single, single_stats = run(space, cfg, updates, start)
     shuffled, _ = run(space, cfg, [updates[i] for i in rng.permutation(len(updates))], start)
     assert _bits(shuffled) == _bits(single)
@@ -60,9 +62,30 @@ def test_any_order_and_any_split_between_workers_is_bit_identical(weighting):
            (single_stats.clients, single_stats.samples, single_stats.clipped) and single_stats.clipped > 0
     assert all(np.array_equal(merged_stats.usage_share[k], single_stats.usage_share[k]) for k in space.layers)
     # and the float32 default is close to it (it is the same rule, rounded differently)
-    default, _ = run(space, AggregationConfig(weighting=weighting, clip_bound=40.0), updates, start)
+    default, _ = run(space, AggregationConfig(weighting=weighting, clip_bound=30.0), updates, start)
     for name in single:
         np.testing.assert_allclose(single[name], default[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_partial_with_one_head_weight_counts_it_for_every_row():
+    """A 1.2 worker reports one head weight; merged, it weighs every head row, as folding there would."""
+    space = builtin_space(hidden=4, rank=2, experts=3, layers=1, classes=3)
+    start = {p.name: np.zeros(p.shape, np.float32) for p in space.entries}
+    [update] = _random_updates(space, 1, seed=4)
+    cfg = AggregationConfig(exact=True)
+    single, _ = run(space, cfg, [update], start)
+    worker = FftMoeStrategy(space, cfg)
+    worker.begin_round(start)
+    worker.fold(update)
+    part = worker.partial()
+    assert part.head_den == [float(update.num_samples)] * 3
+    coordinator = FftMoeStrategy(space, cfg)
+    coordinator.begin_round(start)
+    coordinator.merge(dataclasses.replace(part, head_den=[float(update.num_samples)]))
+    assert _bits(coordinator.finish()[0]) == _bits(single)
+    coordinator.begin_round(start)
+    with pytest.raises(ValueError, match="2 head rows; the head has 3"):
+        coordinator.merge(dataclasses.replace(part, head_den=[1.0, 2.0]))
 
 
 def test_error_against_a_float64_sum_is_below_3e8():

@@ -63,6 +63,20 @@ def test_fedit_weighted_fedavg_of_a_b_and_head():
     assert set(view) == {A, B, HEAD} and all(np.array_equal(view[n], new[n]) for n in view)
 
 
+def test_label_counts_weigh_each_head_row_and_a_row_nobody_has_keeps_its_value():
+    space = LoraSpace({W: (2, 3)}, {HEAD: (3, 2)})
+    start = {A: np.zeros((1, 3)), B: np.zeros((2, 1)), HEAD: np.full((3, 2), 7.0)}
+    a = update("a", 1, 1, [[1, 2, 3]], [[1], [2]], np.ones((3, 2)))
+    b = update("b", 3, 1, [[5, 6, 7]], [[3], [6]], 3 * np.ones((3, 2)))
+    a, b = (LoraUpdate(u.device_id, u.params, u.num_samples, u.rank, np.array(c, dtype=np.float64))
+            for u, c in ((a, [1, 0, 0]), (b, [1, 2, 0])))
+    new, _ = run_round(FedItStrategy(space, rank=1), start, [a, b])
+    np.testing.assert_array_equal(new[HEAD], [[2, 2], [3, 3], [7, 7]])  # (1 + 3) / 2; b alone; nobody
+    np.testing.assert_array_equal(new[A], [[4, 5, 6]])  # the factors keep the samples rule
+    bad = LoraUpdate("c", a.params, 1, 1, np.array([1.0, 1.0, 0.0]))
+    assert FedItStrategy(space, rank=1).problems(bad) == ["label_counts sum to 2, not num_samples 1"]
+
+
 def test_fedit_refuses_a_client_at_another_rank():
     space = LoraSpace({W: (4, 4)}, {})
     strategy = FedItStrategy(space, rank=2)

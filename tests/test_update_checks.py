@@ -33,6 +33,10 @@ BAD_UPDATES = {
     "expected (2,) numbers": lambda u: _with(u, expert_tokens={0: np.array([1.0, 2.0, 3.0])}),
     "finite and >= 0": lambda u: _with(u, expert_tokens={0: np.array([1.0, -1.0])}),
     "device_id": lambda u: _with(u, device_id=""),
+    "one count per head row": lambda u: _with(u, label_counts=np.array([1.0])),
+    "integers >= 0": lambda u: _with(u, label_counts=np.array([2.0, -1.0])),
+    "integers >= 0 ": lambda u: _with(u, label_counts=np.array([0.5, 0.5])),
+    "not num_samples": lambda u: _with(u, label_counts=np.array([1.0, 1.0])),
 }
 
 
@@ -42,6 +46,11 @@ def test_validation_detects_each_problem(problem):
     assert validate_update(good, expected, space.experts) == []
     problems = validate_update(BAD_UPDATES[problem](good), expected, space.experts)
     assert len(problems) == 1 and problem.strip() in problems[0], problems
+
+
+def test_label_counts_summing_to_the_samples_are_valid():
+    space, good, expected = _good()
+    assert validate_update(_with(good, label_counts=np.array([0.0, 1.0])), expected, space.experts) == []
 
 
 def test_huge_but_finite_values_are_not_called_nan_or_inf():

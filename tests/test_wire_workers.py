@@ -17,7 +17,7 @@ SUMS = {"layer.0.w1": np.arange(12, dtype=np.int64).reshape(3, 4) * (1 << 40), "
 
 def _partial(**over):
     kw = dict(worker_id="wa", round=3, session="s1-3-0", devices=["pi-1", "pi-2"], den={"5": [20.0, 0.0, 7.0]},
-              tokens={"5": [100.0, 0.0, 12.0]}, head_den=27.0, samples=27, bytes_folded=4096, clipped=1,
+              tokens={"5": [100.0, 0.0, 12.0]}, head_den=[20.0, 7.0], samples=27, bytes_folded=4096, clipped=1,
               norms=[0.5, 1.25], params=SUMS)
     kw.update(over)
     return wire.WorkerPartial(**kw)
@@ -49,6 +49,13 @@ def test_worker_messages_round_trip_on_their_topics(message):
         wire.check_origin(decoded, wire.worker_topic("fed", "wb", direction))
     with pytest.raises(MalformedMessage):
         wire.check_origin(decoded, wire.worker_topic("fed", "wa", "out" if direction == "in" else "in"))
+
+
+def test_a_partial_weighs_each_head_row_and_a_1_2_worker_number_reads_as_every_row():
+    assert wire.decode_single(wire.encode(_partial(), chunk_size=1 << 20)[0]).head_den == [20.0, 7.0]
+    assert _partial(head_den=27.0).head_den == [27.0]  # what a 1.2 worker sends: one weight for every row
+    with pytest.raises(MalformedMessage, match="head_den"):
+        _partial(head_den=[1.0, -2.0])
 
 
 def test_int64_tensors_only_in_partial_sums():

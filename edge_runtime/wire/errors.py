@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 # (major, minor); 1.1: upload lanes and the aggregator-worker messages; 1.2: RoundTask.logit_prior and
-# own_labels_only
-SCHEMA_VERSION = (1, 2)
+# own_labels_only; 1.3: RoundTask.report_label_counts, Update.label_counts and per-row
+# WorkerPartial.head_den (a 1.2 worker's single number is still read)
+SCHEMA_VERSION = (1, 3)
 
 DEFAULT_CHUNK_SIZE = 256 * 1024  # frame included; MQTT adds only the topic and a few bytes
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024

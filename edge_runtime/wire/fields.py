@@ -132,6 +132,13 @@ def _v_bool(what: str, v: Any) -> bool:
     return bool(v)
 
 
+def _v_head_den(what: str, v: Any) -> list[float]:
+    """A worker's weight per head row; a 1.2 worker sent one number for every row: [that number]."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return [_v_float(what, v, lo=0.0)]
+    return _v_list(what, v, item=partial(_v_float, lo=0.0))
+
+
 def _v_id(what: str, v: Any) -> str:
     return validate_id(v, what, MalformedMessage)
 
@@ -146,7 +153,8 @@ _RULES: dict[str, _Rule] = {
     "runtime": partial(_v_dict, value=partial(_v_str, max_len=256)),
     "online": _v_bool,
     "timestamp": _NONNEG, "lambda_bal": _NONNEG, "lambda_het": _NONNEG, "logit_prior": _NONNEG,
-    "own_labels_only": _v_bool,
+    "own_labels_only": _v_bool, "report_label_counts": _v_bool,
+    "label_counts": partial(_v_list, item=_v_int),
     "learning_rate": _POSITIVE, "deadline_s": _POSITIVE,
     "local_steps": partial(_v_int, lo=1), "num_samples": partial(_v_int, lo=1),
     "slot_map": partial(_v_dict, value=_v_slots),
@@ -166,6 +174,6 @@ _RULES: dict[str, _Rule] = {
     "norms": partial(_v_list, item=_NONNEG, max_items=_MAX_WORKER_ITEMS),
     "den": partial(_v_dict, value=partial(_v_list, item=_NONNEG)),
     "tokens": partial(_v_dict, value=partial(_v_list, item=_NONNEG)),
-    "head_den": _NONNEG, "samples": _v_int, "bytes_in": _v_int, "bytes_folded": _v_int, "clipped": _v_int,
+    "head_den": _v_head_den, "samples": _v_int, "bytes_in": _v_int, "bytes_folded": _v_int, "clipped": _v_int,
     "partial_sums": partial(_v_dict, value=_v_sums, key_len=512),  # the params of a WorkerPartial
 }

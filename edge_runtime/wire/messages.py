@@ -94,7 +94,8 @@ class RoundTask(_Message):
     the device starts from, under the names the exported graph uses. upload_dtype is what the
     device should encode its Update with. logit_prior scales the device's own label prior in its
     training loss and own_labels_only keeps the head rows of labels it lacks (`trainer.LossInputs`);
-    neither sends the device's label counts anywhere.
+    neither sends the device's label counts anywhere. report_label_counts asks for them in the
+    Update, for a server that weights each head row by the device's samples of its label.
     """
 
     kind, kind_code = "round_task", 3
@@ -114,6 +115,7 @@ class RoundTask(_Message):
     upload_lane: str = ""  # the aggregator worker to upload to (sharded aggregation); "" = the server
     logit_prior: float = 0.0  # tau: train with tau * log p_local(y) added to the logits (1.2; 0 = plain CE)
     own_labels_only: bool = False  # update only the head rows of labels the device has samples of (1.2)
+    report_label_counts: bool = False  # send Update.label_counts (1.3)
 
     def _check_together(self) -> None:
         shape = {layer: len(slots) for layer, slots in self.slot_map.items()}
@@ -141,7 +143,8 @@ class Update(_Message):
     """A device's trained arrays for one round, with the statistics the aggregator weights by.
 
     expert_tokens: layer -> tokens routed to each local slot, in the order of the task's slot_map.
-    metrics: e.g. loss, accuracy, train_seconds.
+    metrics: e.g. loss, accuracy, train_seconds. label_counts: the device's training samples per label
+    (head row), summing to num_samples; empty unless the task asked (RoundTask.report_label_counts).
     """
 
     kind, kind_code = "update", 5
@@ -152,6 +155,7 @@ class Update(_Message):
     expert_tokens: dict[str, list[int]]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    label_counts: list[int] = field(default_factory=list)  # (1.3)
 
 
 @dataclass(frozen=True, eq=False)
@@ -230,7 +234,7 @@ class WorkerPartial(_Message):
     devices: list[str]
     den: dict[str, list[float]]
     tokens: dict[str, list[float]]
-    head_den: float
+    head_den: list[float]  # weight per head row (1.2: one number for every row; still read)
     samples: int
     bytes_folded: int
     clipped: int
