@@ -95,6 +95,11 @@ def slot_runs(slots: Sequence[int]) -> tuple[Run, ...]:
     return tuple(runs)
 
 
+def per_row(v: np.ndarray, ndim: int) -> np.ndarray:
+    """A vector [R] shaped [R, 1, ...] to scale the rows (axis 0) of an `ndim`-dimensional array."""
+    return v.reshape(-1, *([1] * (ndim - 1)))
+
+
 def checked_runs(slots: Sequence[int], experts: int) -> tuple[Run, ...] | None:
     """`slot_runs(slots)`, or None when the map is empty or a slot is not a global expert index."""
     ok = bool(slots) and all(isinstance(g, (int, np.integer)) and 0 <= g < experts for g in slots)
@@ -210,7 +215,7 @@ class SlotSums:
         for name, x in plan.head_arrays(arrays):
             if len(self._whead) != x.shape[0]:
                 raise ValueError(f"{name!r}: {x.shape[0]} head rows, {len(self._whead)} head row weights")
-            self._two_pass_whole(name, x, self._whead.reshape(-1, *([1] * (x.ndim - 1))))
+            self._two_pass_whole(name, x, per_row(self._whead, x.ndim))
 
     def _calls(self, plan, rows: bool) -> tuple[list, list]:
         """(layer saxpy calls as `_axpy_ops` gives them, with array and slot indices over the whole

@@ -3,7 +3,8 @@
 It is the server's merge rule (docs/METHOD.md "Aggregation"): per parameter block b (expert e of
 layer l = row e on axis 0 of every slotted array of l; router row e of l; head row y)
 `theta_b = sum_{n holds b} w_nb theta_b^n / sum_{n holds b} w_nb`, w = samples or routed tokens (a
-head row: samples, or the update's samples of label y when it reports `label_counts`), then an optional server optimiser (FedAvg, FedAdam) on the pseudo-gradient of the blocks held this round.
+head row: samples, or the update's samples of label y when it reports `label_counts`), then an
+optional server optimiser (FedAvg, FedAdam) on the pseudo-gradient of the blocks held this round.
 It also keeps the fleet's expert usage (EMA of token shares), computes the heterogeneity target q,
 validates updates and clips their norm. It is not a transport, a round scheduler or a file format:
 no MQTT, no wire decoding, no disk (the caller persists `optimizer_state()` as .npz).
@@ -48,9 +49,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from broker_server.accumulate import SlotSums
+from broker_server.accumulate import SlotSums, per_row
 from broker_server.exact_sums import ExactSums
 from broker_server.fold_plan import MAX_PLANS, FoldPlan, PlanKey, Tally, build_plan, plan_key
+from broker_server.update_checks import head_rows
 from edge_runtime.manifest import ParamEntry
 
 WEIGHTINGS = ("samples", "activation")
@@ -77,9 +79,10 @@ class ParamSpace:
             raise ValueError("parameter space: every slotted array must have M rows on axis 0")
         self.layers = sorted({p.layer for p in slotted})
         self.by_layer = {layer: [p for p in slotted if p.layer == layer] for layer in self.layers}
-        if len({p.shape[:1] for p in self.head}) > 1:
+        rows = head_rows(p.shape for p in self.head)
+        if self.head and rows is None:
             raise ValueError("parameter space: every head array must have one row per label on axis 0")
-        self.head_rows = self.head[0].shape[0] if self.head and self.head[0].shape else 1  # C, the labels
+        self.head_rows = rows or 1  # C, the labels
 
     def tier_shapes(self, layers: Sequence[int], slots: int) -> dict[str, tuple[int, ...]]:
         """Names and shapes a device with `slots` slots in `layers` trains (expected shapes for validation)."""
@@ -381,10 +384,7 @@ class FftMoeStrategy(Strategy):
     def _aggregate(self, p: ParamEntry, rows: slice | np.ndarray, weights: Mapping[int, np.ndarray]) -> np.ndarray:
         """The weighted average of the held rows (the head: the whole array), float64."""
         total = self._sums.total(p.name)  # float64 [M, ...], a new array
-        if p.slot_axis is None:
-            den = self._head_den.reshape(-1, *([1] * (len(p.shape) - 1)))  # [C, 1, ...]
-        else:
-            den = weights[p.layer].reshape(-1, *([1] * (len(p.shape) - 1)))  # [M, 1, ...]
+        den = per_row(self._head_den if p.slot_axis is None else weights[p.layer], len(p.shape))  # [C or M, 1, ...]
         if isinstance(rows, slice):
             return np.divide(total, den, out=total)
         return total[rows] / den[rows]

@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from broker_server.accumulate import Run
+from broker_server.accumulate import Run, per_row
 
 FRACTION_BITS = 24  # grid step of x: 2^-24 (times the weight)
 VALUE_BITS = 8  # |x| < 256; adapter weights and biases are O(1)
@@ -116,7 +116,7 @@ class ExactSums:
             weights = self._whead if head_rows else np.array([self._w])
             self._check_range(name, slice(None), weights)
             scale = weights.astype(np.float32) * np.float32(_SCALE)  # exact: w < 2^21
-            scale = scale.reshape(-1, *([1] * (x.ndim - 1))) if head_rows else scale[0]
+            scale = per_row(scale, x.ndim) if head_rows else scale[0]
             self._staged.append((name, slice(None), self._stage(x, scale, name)))
 
     def _add_layer(self, layer: int, xs: Sequence[np.ndarray], runs: Sequence[Run], rows: bool, row0: int) -> None:
@@ -128,7 +128,7 @@ class ExactSums:
         for index, lo, hi in pieces:
             self._check_range(layer, index, weights[lo:hi])
         for (name, _), x in zip(self.layers[layer], xs):
-            terms = self._stage(x, scale.reshape(-1, *([1] * (x.ndim - 1))), name)
+            terms = self._stage(x, per_row(scale, x.ndim), name)
             self._staged += [(name, index, terms[lo:hi]) for index, lo, hi in pieces]
 
     def commit(self) -> None:

@@ -41,7 +41,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from broker_server.aggregation import RoundStats, Strategy
-from broker_server.update_checks import label_count_problems
+from broker_server.accumulate import per_row
+from broker_server.update_checks import head_rows, label_count_problems
 from edge_runtime import manifest
 
 # Suffixes of the factor names the exporter writes (edge_runtime.manifest), and of FlexLoRA's global product.
@@ -111,8 +112,7 @@ class _LoraStrategy(Strategy):
             raise ValueError(f"r_max must be an integer in [1, {smallest}] (the smallest adapted dimension), "
                              f"got {r_max!r}")
         self.space, self.r_max, self.rounds = space, r_max, 0
-        rows = {shape[0] for shape in space.head.values() if shape}
-        self._head_rows = rows.pop() if len(rows) == 1 else None  # C, the labels (None: no head to weigh by row)
+        self._head_rows = head_rows(space.head.values())  # C, the labels (None: no head to weigh by row)
         self._global: dict[str, np.ndarray] | None = None
 
     def global_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -177,10 +177,11 @@ class _LoraStrategy(Strategy):
         if problems:
             raise ValueError(f"update from {update.device_id!r} rejected: " + "; ".join(problems))
         w = float(update.num_samples)
-        head_w = w if update.label_counts is None else np.asarray(update.label_counts, dtype=np.float64)
+        head_w = np.full(len(self._den), w) if update.label_counts is None else np.asarray(update.label_counts,
+                                                                                          dtype=np.float64)
         for name in self.space.head:
             x = update.params[name].astype(np.float64)
-            self._sums[name] += head_w * x if np.ndim(head_w) == 0 else head_w.reshape(-1, *[1] * (x.ndim - 1)) * x
+            self._sums[name] += per_row(head_w, x.ndim) * x
         for base in self._bases(update):
             self._fold_adapter(base, update.params[base + LORA_A].astype(np.float64),
                                update.params[base + LORA_B].astype(np.float64), int(update.rank), w)
@@ -201,8 +202,9 @@ class _LoraStrategy(Strategy):
         new, sq = {}, 0.0
         for name, old in self._global.items():
             if name.startswith(HEAD_PREFIX):  # per row: a row nobody weighted keeps its value
-                den = self._den.reshape(-1, *[1] * (old.ndim - 1))
-                agg = np.where(den > 0, self._sums[name] / np.maximum(den, 1e-300), old)
+                held = self._den > 0
+                agg = old.astype(np.float64)
+                agg[held] = self._sums[name][held] / per_row(self._den[held], old.ndim)
             elif (den := self._den_of[name.rsplit(".", 1)[0]]) == 0:  # nobody held it this round: the global stays
                 new[name] = old
                 continue

@@ -1,13 +1,14 @@
 """Structural and value checks of one client update against its tier, before it reaches a strategy.
 
 `validate_update` lists every problem (names, shapes, dtypes, NaN / Inf, sample and label counts,
-slot map, token counts) so the server can reject an update with all its reasons at once. It folds nothing and
-knows no transport; the exact-aggregation range (exact_sums.py) is checked where values are staged.
+slot map, token counts) so the server can reject an update with all its reasons at once. It folds
+nothing and knows no transport; the exact-aggregation range (exact_sums.py) is checked where values
+are staged. `head_rows` and `label_count_problems` serve the LoRA strategies too.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import numpy as np
 
@@ -41,8 +42,9 @@ def validate_update(update: ClientUpdate, expected: Mapping[str, tuple[int, ...]
     n = update.num_samples
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         problems.append(f"num_samples must be a positive integer, got {n!r}")
-    head_rows = {shape[0] for name, shape in expected.items() if layer_of(name) is None and shape}
-    problems += label_count_problems(update.label_counts, n, head_rows.pop() if len(head_rows) == 1 else None)
+    if update.label_counts is not None:
+        head = head_rows(shape for name, shape in expected.items() if layer_of(name) is None)
+        problems += label_count_problems(update.label_counts, n, head)
     slots_of = {layer_of(name): shape[0] for name, shape in expected.items() if layer_of(name) is not None}
     for what, given in (("slot_map", update.slot_map), ("expert_tokens", update.expert_tokens)):
         if set(given) != set(slots_of):
@@ -65,6 +67,12 @@ def validate_update(update: ClientUpdate, expected: Mapping[str, tuple[int, ...]
             elif not np.all(np.isfinite(t)) or np.any(t < 0):
                 problems.append(f"expert_tokens[{layer}] must be finite and >= 0")
     return problems
+
+
+def head_rows(shapes: Iterable[tuple[int, ...]]) -> int | None:
+    """C, the labels: the axis-0 length every head array shares (None: no head, or the lengths differ)."""
+    rows = {tuple(shape)[:1] for shape in shapes}
+    return rows.pop()[0] if len(rows) == 1 and () not in rows else None
 
 
 def label_count_problems(counts, num_samples, head_rows: int | None) -> list[str]:

@@ -31,7 +31,8 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "fedit-label-skew": ["--logit-prior", "1", "--own-labels-only"],
              "label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"],
              "fedit-label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"]}
-ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}  # the method an ablation varies, where it is not fft-moe
+# the method an ablation varies, where it is not fft-moe
+ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
 
 
