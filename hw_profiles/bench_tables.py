@@ -30,7 +30,11 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "label-skew-tau0.5": ["--logit-prior", "0.5", "--own-labels-only"],
              "fedit-label-skew": ["--logit-prior", "1", "--own-labels-only"],
              "label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"],
-             "fedit-label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"]}
+             "fedit-label-head": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels"],
+             "label-head-coverage": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
+                                     "--slot-keep", "0"],
+             "label-head-personal": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
+                                     "--personalise-router"]}
 # the method an ablation varies, where it is not fft-moe
 ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
@@ -49,7 +53,9 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "label-skew-tau0.5": "label-skew with half the prior (tau 0.5)",
                  "fedit-label-skew": "FedIT with label-skew's device training (not a published baseline)",
                  "label-head": "label-skew, and head row y averaged by the devices' samples of label y",
-                 "fedit-label-head": "FedIT with label-head's device training and head rows (not a published baseline)"}
+                 "fedit-label-head": "FedIT with label-head's device training and head rows (not a published baseline)",
+                 "label-head-coverage": "label-head and coverage-slots",
+                 "label-head-personal": "label-head and router rows kept on the device"}
 
 
 def _order(partition: str, name: str) -> tuple:
