@@ -17,7 +17,9 @@ fastest pass of each kind is reported (every pass's rate is in the JSON) with th
 and inbox depth seen. The rates include the `--jitter-ms` spread of upload starts, so they measure
 capacity only when N / spread exceeds it; `offered_updates_per_s` in the JSON says what that bound is.
 The publishers share the host's cores with the broker and the aggregator: `publisher_cpu_s` and
-`server_cpu_s` (process CPU time, setup included) in the JSON show how much of it each side took.
+`server_cpu_s` (process CPU time, setup included) in the JSON show how much of it each side took,
+`host_cpu_busy` per pass how much of all the cores was busy, and the aggregator's capacity alone
+(in memory, one core, `bench_fleet_capacity.py`) whether it or the shared host is the limit.
 
 Simulated devices do not train: every device publishes a real `wire.Update` (its own device id on
 its own `wire.upload_topic(fed, device, round)`, the tier's parameter names and shapes, routed tokens
@@ -55,10 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy
-from broker_server.receiver import UploadReceiver
-from broker_server.update_checks import validate_update
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
+from broker_server.bench_fleet_capacity import BenchFold, HostCpu, aggregator_capacity
+from broker_server.receiver import UploadReceiver
 from broker_server.embedded_broker import loopback_broker, mosquitto_binary
 from edge_runtime import wire
 
@@ -67,6 +68,7 @@ DEFAULT_CLIENTS = (100, 1000, 5000)
 FEDERATION = "benchfleet"
 ROUND = 0
 READY, GO = "READY", "GO"
+CAPACITY_UPLOADS = 200  # encoded uploads the in-memory capacity pass folds
 
 
 def device_id(i: int) -> str:
@@ -191,11 +193,7 @@ def run_counter(args) -> int:
 def run_aggregator(args) -> int:
     """The server's receive + validate + fold path on every upload, then finish() after the N-th."""
     space, slots, layers = tier_of(args.artifacts, args.tier)
-    expected = space.tier_shapes(layers, slots)
-    rng = np.random.default_rng(args.seed + 2)
-    global_arrays = {p.name: (rng.standard_normal(p.shape) * 0.02).astype(np.float32) for p in space.entries}
-    strategy = FftMoeStrategy(space, AggregationConfig())
-    strategy.begin_round(global_arrays)
+    fold = BenchFold(space, slots, layers, args.seed + 2, slot_map_of)
     receiver = UploadReceiver(lambda: ROUND)  # the server's network-thread path, acks included
     inbox = receiver.inbox
     state = {"payloads": 0, "bytes": 0, "first_rx": None}
@@ -224,21 +222,14 @@ def run_aggregator(args) -> int:
             rejected += 1
             ack()
             continue
-        i = int(message.device_id.rsplit("-", 1)[1])
-        update = ClientUpdate(device_id=message.device_id,
-                              params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
-                              slot_map=slot_map_of(i, slots, layers, space.experts), num_samples=message.num_samples,
-                              expert_tokens={int(k): np.asarray(v, dtype=np.float64)
-                                             for k, v in message.expert_tokens.items()})
-        if validate_update(update, expected, space.experts):
-            rejected += 1
-        else:
-            strategy.fold(update)
+        if fold(message, int(message.device_id.rsplit("-", 1)[1])):
             folded += 1
+        else:
+            rejected += 1
         ack()
         last_fold = time.monotonic()
     t = time.monotonic()
-    _, stats = strategy.finish()
+    _, stats = fold.strategy.finish()
     closed_at = time.monotonic()
     conn.stop()
     _emit({**state, "wire_rejected": receiver.rejected, "folded": folded, "rejected": rejected,
@@ -302,9 +293,11 @@ def run_pass(args, clients: int, role: str, expect: int) -> tuple[dict, list[dic
         if _expect_line(sink, role) != READY:
             raise RuntimeError(f"the {role} process did not get ready")
         t0 = start_publishers(args, clients, pubs)
+        time.sleep(max(0.0, t0 - time.monotonic()))
+        host = HostCpu()  # from the round's start to the subscriber's last update
         published = [json.loads(_expect_line(p, "publisher")) for p in pubs]
         result = json.loads(_expect_line(sink, role))
-        return result, published, t0
+        return {**result, "host_cpu_busy": host.busy()}, published, t0
     finally:
         reap((sink, *pubs))
 
@@ -351,10 +344,15 @@ def measure(args, clients: int, payloads_per_update: int) -> dict:
             "mbytes_per_update": round(agg["bytes"] / clients / 1e6, 4),
             "publish_s": round(max(p["done_at"] for p in pubs) - t0, 3),
             "publisher_cpu_s": round(sum(p["cpu_s"] for p in pubs), 2), "server_cpu_s": agg["cpu_s"],
+            "host_cpu_busy": agg["host_cpu_busy"], "broker_only_host_cpu_busy": count["host_cpu_busy"],
             "offered_updates_per_s": round(clients / spread, 1) if spread > 0 else None,
             "all_updates_per_s": [round(clients / r[0], 1) for r in agg_runs],
             "all_broker_only_updates_per_s": [round(clients / r[0], 1) for r in broker_runs],
             "all_server_peak_rss_mb": [r[1]["peak_rss_mb"] for r in agg_runs]}
+
+
+def _pct(share: float | None) -> str:
+    return "n/a" if share is None else f"{share:.0%}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -437,6 +435,12 @@ def main(argv: list[str] | None = None) -> int:
     space, slots, layers = tier_of(args.artifacts, args.tier)
     params = {n: np.zeros(s, np.float32) for n, s in space.tier_shapes(layers, slots).items()}
     sample = wire.encode(make_update(0, args.tier, slots, layers, params), dtype=args.upload_dtype)
+    capacity = aggregator_capacity(BenchFold(space, slots, layers, args.seed + 2, slot_map_of),
+                                   [(wire.upload_topic(FEDERATION, device_id(i), ROUND),
+                                     wire.encode(make_update(i, args.tier, slots, layers, params), dtype=args.upload_dtype))
+                                    for i in range(CAPACITY_UPLOADS)])
+    print(f"[fleet] aggregator alone, in memory: {capacity['aggregator_cpu_ms_per_update']} ms CPU per update, "
+          f"{capacity['aggregator_capacity_updates_per_s']} updates/s per core", file=sys.stderr, flush=True)
     records = []
     with loopback_broker(args.broker) as (url, described):
         args.broker_url = url
@@ -458,15 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         _emit({"benchmark": "fleet", "tier": args.tier, "broker": described, "upload_dtype": args.upload_dtype,
                "jitter_ms": args.jitter_ms, "repeats": args.repeats, "publishers": args.publishers,
-               "connections": args.connections,
+               "connections": args.connections, **capacity,
                "shapes": str(args.artifacts or "builtin default export"), "records": records})
         return 0
     from fftmoe.tables import format_table
 
     headers = ("clients", "updates/s", "MB/s", "broker-only updates/s", "broker-only MB/s", "agg/broker",
-               "server peak RSS MB", "round close s", "finish ms", "peak inbox")
+               "host CPU busy (agg / broker-only)", "server peak RSS MB", "round close s", "finish ms", "peak inbox")
     rows = [(r["clients"], r["updates_per_s"], r["mbytes_per_s"], r["broker_only_updates_per_s"],
-             r["broker_only_mbytes_per_s"], f"{r['ratio']:.0%}", r["server_peak_rss_mb"], r["round_close_s"],
+             r["broker_only_mbytes_per_s"], f"{r['ratio']:.0%}", f"{_pct(r['host_cpu_busy'])} / "
+             f"{_pct(r['broker_only_host_cpu_busy'])}", r["server_peak_rss_mb"], r["round_close_s"],
              r["finish_ms"], r["peak_inbox"]) + tuple(
                  f"{s['updates_per_s']} / {s['worker_peak_rss_mb']} / {s['round_close_s']}" for s in r.get("sharded", []))
             for r in records]
@@ -476,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tier {args.tier} ({records[0]['mbytes_per_update']} MB per update, {args.upload_dtype}), {described}, "
           f"jitter {args.jitter_ms:g} ms, fastest of {args.repeats} passes; "
           f"server peak RSS spread across N: {max(rss) - min(rss):.1f} MB")
+    print(f"aggregator alone (in memory, no broker): {capacity['aggregator_capacity_updates_per_s']} updates/s per core "
+          f"({capacity['aggregator_cpu_ms_per_update']} ms CPU per update)")
     return 0
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from broker_server import bench_fleet as fleet
+from broker_server import bench_fleet_capacity as capacity
 from broker_server.aggregation import ClientUpdate
 from broker_server.update_checks import validate_update
 from edge_runtime import wire
@@ -67,6 +68,47 @@ def test_short_fleet_run_aggregates_every_update():
             assert s["updates_per_s"] > 0 and s["worker_peak_rss_mb"] > 0 and len(s["worker_cpu_s"]) == s["workers"]
             assert s["round_close_s"] >= r["clients"] / s["updates_per_s"] * 0.99
     assert "[fleet] 60 devices" in done.stderr  # progress on stderr, JSON alone on stdout
+    # what limits the run: the aggregator alone, and how busy the host was in each pass (Linux)
+    assert result["aggregator_capacity_updates_per_s"] == pytest.approx(1e3 / result["aggregator_cpu_ms_per_update"],
+                                                                        rel=0.01)
+    for r in result["records"]:
+        assert 0 < r["host_cpu_busy"] <= 1 and 0 < r["broker_only_host_cpu_busy"] <= 1
+
+
+def _uploads(count, tier="nano", poison=None):
+    space, slots, layers = fleet.tier_of(None, tier)
+    params = {n: np.full(s, 0.01, np.float32) for n, s in space.tier_shapes(layers, slots).items()}
+    uploads = []
+    for i in range(count):
+        p = dict(params)
+        if i == poison:
+            name = next(iter(p))
+            p[name] = np.zeros(p[name].shape[:-1] + (p[name].shape[-1] + 1,), np.float32)  # not the tier's shape
+        uploads.append((wire.upload_topic(fleet.FEDERATION, fleet.device_id(i), fleet.ROUND),
+                        wire.encode(fleet.make_update(i, tier, slots, layers, p))))
+    return fleet.BenchFold(space, slots, layers, 0, fleet.slot_map_of), uploads
+
+
+def test_aggregator_capacity_folds_every_upload_through_the_servers_checks():
+    fold, uploads = _uploads(12)
+    result = capacity.aggregator_capacity(fold, uploads, repeats=2)
+    assert result["aggregator_cpu_ms_per_update"] > 0
+    _, stats = fold.strategy.finish()
+    assert stats.clients == 24  # two passes of twelve, each folded once
+    fold, uploads = _uploads(5, poison=3)
+    with pytest.raises(RuntimeError, match="sim-000003 failed validation"):
+        capacity.aggregator_capacity(fold, uploads, repeats=1)
+
+
+def test_host_cpu_share_from_proc_stat(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(capacity, "_PROC_STAT", stat)
+    stat.write_text("cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 50 0 50 350 50 0 0 0 0 0\n")
+    host = capacity.HostCpu()
+    stat.write_text("cpu  200 0 200 1300 100 0 0 0 0 0\n")  # 800 jiffies, 600 of them idle
+    assert host.busy() == 0.25
+    stat.unlink()
+    assert host.busy() is None  # no /proc/stat: not a Linux host
 
 
 @pytest.mark.parametrize("argv, words", [
