@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 from broker_server.bench_aggregate import load_shapes, peak_rss_mb
-from broker_server.bench_fleet_capacity import BenchFold, HostCpu, aggregator_capacity
+from broker_server.bench_fleet_capacity import BenchFold, HostCpu, aggregator_capacity, reserve_cores
 from broker_server.receiver import UploadReceiver
 from broker_server.embedded_broker import loopback_broker, mosquitto_binary
 from edge_runtime import wire
@@ -249,7 +249,10 @@ def _child(role: str, args, clients: int, **extra) -> subprocess.Popen:
         cmd += ["--artifacts", str(args.artifacts)]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if role != "publish" and getattr(args, "reserved_cores", None):
+        os.sched_setaffinity(proc.pid, args.reserved_cores)  # the subscriber side's own cores
+    return proc
 
 
 def _expect_line(proc: subprocess.Popen, what: str) -> str:
@@ -377,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="",
                         help="also measure sharded aggregation with these aggregator worker counts, e.g. 1,2")
+    parser.add_argument("--aggregator-cores", type=int, default=0,
+                        help="run the subscribers on the host's last K cores, the broker and publishers on the rest "
+                             "(Linux; default 0: share every core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # child processes
     parser.add_argument("--role", choices=("publish", "count", "aggregate", "shard", "coordinate"),
@@ -432,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = args.workers[0] if args.workers else 1
         return {"publish": run_publisher, "count": run_counter, "aggregate": run_aggregator,
                 "shard": run_shard_worker, "coordinate": run_coordinator}[args.role](args)
+    args.reserved_cores = None
+    if args.aggregator_cores:
+        try:
+            _, args.reserved_cores = reserve_cores(args.aggregator_cores)
+        except ValueError as err:
+            parser.error(str(err))
     space, slots, layers = tier_of(args.artifacts, args.tier)
     params = {n: np.zeros(s, np.float32) for n, s in space.tier_shapes(layers, slots).items()}
     sample = wire.encode(make_update(0, args.tier, slots, layers, params), dtype=args.upload_dtype)
@@ -463,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"benchmark": "fleet", "tier": args.tier, "broker": described, "upload_dtype": args.upload_dtype,
                "jitter_ms": args.jitter_ms, "repeats": args.repeats, "publishers": args.publishers,
                "connections": args.connections, **capacity,
+               "aggregator_cores": sorted(args.reserved_cores) if args.reserved_cores else None,
                "shapes": str(args.artifacts or "builtin default export"), "records": records})
         return 0
     from fftmoe.tables import format_table
@@ -480,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(headers, rows))
     print(f"tier {args.tier} ({records[0]['mbytes_per_update']} MB per update, {args.upload_dtype}), {described}, "
           f"jitter {args.jitter_ms:g} ms, fastest of {args.repeats} passes; "
-          f"server peak RSS spread across N: {max(rss) - min(rss):.1f} MB")
+          + (f"subscribers on cores {sorted(args.reserved_cores)}, broker and publishers on the rest; "
+             if args.reserved_cores else "")
+          + f"server peak RSS spread across N: {max(rss) - min(rss):.1f} MB")
     print(f"aggregator alone (in memory, no broker): {capacity['aggregator_capacity_updates_per_s']} updates/s per core "
           f"({capacity['aggregator_cpu_ms_per_update']} ms CPU per update)")
     return 0

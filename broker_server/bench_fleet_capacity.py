@@ -9,14 +9,18 @@ or that its work took cores the broker and the publishers needed. Two measuremen
   aggregate. It leaves out the MQTT client's socket reads, which the broker-only counter pays too.
 - `HostCpu`: the share of all the host's cores busy between two points (/proc/stat; None elsewhere),
   so each pass says whether the host was saturated.
+- `reserve_cores`: with `--aggregator-cores K`, the subscribers (the broker-only counter, the
+  aggregator, sharded workers and their coordinator) run on the host's last K cores and the broker and
+  publishers on the others, for both passes alike: an aggregator with cores of its own, as deployed
+  (deploy/mosquitto-bridge/README.md), measured end to end.
 If capacity is well above the broker-only rate while the aggregating pass has the host at ~100%,
-the aggregator keeps up with the broker and the shortfall is cores shared on this host; on a
-deployment the aggregator runs on cores of its own (deploy/mosquitto-bridge/README.md).
+the aggregator keeps up with the broker and the shortfall is cores shared on this host.
 This is part of a benchmark, never a timed test.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -104,3 +108,18 @@ def _cpu_times() -> tuple[int, int] | None:
         return None
     values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
     return sum(values), values[3] + values[4]
+
+
+def reserve_cores(count: int) -> tuple[set[int], set[int]]:
+    """(the others, the reserved): the last `count` of the cores this process may run on. Moves this
+    process (and so the broker and publishers it starts later) onto the others. ValueError when the
+    host cannot pin (not Linux) or has no core left over."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--aggregator-cores needs a Linux host (sched_setaffinity)")
+    cores = sorted(os.sched_getaffinity(0))
+    if not 0 < count < len(cores):
+        raise ValueError(f"--aggregator-cores {count}: this process may use {len(cores)} core(s); "
+                         f"reserve at least 1 and leave at least 1 for the broker and publishers")
+    others, reserved = set(cores[:-count]), set(cores[-count:])
+    os.sched_setaffinity(0, others)
+    return others, reserved

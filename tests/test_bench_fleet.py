@@ -4,6 +4,7 @@ update aggregated, sane numbers), the simulated update against the server's chec
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -46,11 +47,14 @@ def test_simulated_update_passes_the_servers_checks(dtype):
 
 def test_short_fleet_run_aggregates_every_update():
     broker = "mosquitto" if fleet.mosquitto_binary() else "embedded"
+    pinned = len(os.sched_getaffinity(0)) >= 2  # the subscribers on a core of their own
     done = _bench("--clients", "20,60", "--broker", broker, "--publishers", "1", "--connections", "2",
-                  "--jitter-ms", "50", "--repeats", "1", "--workers", "1,2", "--json")
+                  "--jitter-ms", "50", "--repeats", "1", "--workers", "1,2", "--json",
+                  *(["--aggregator-cores", "1"] if pinned else []))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["benchmark"] == "fleet" and result["tier"] == "nano"
+    assert result["aggregator_cores"] == ([max(os.sched_getaffinity(0))] if pinned else None)
     assert [r["clients"] for r in result["records"]] == [20, 60]
     for r in result["records"]:
         assert r["updates_folded"] == r["updates_published"] == r["clients"]
@@ -119,6 +123,7 @@ def test_host_cpu_share_from_proc_stat(tmp_path, monkeypatch):
     (["--upload-dtype", "int8"], "invalid choice"),
     (["--repeats", "0"], "--repeats >= 1"),
     (["--workers", "0"], "--workers: every count must be >= 1"),
+    (["--aggregator-cores", "4096"], "reserve at least 1 and leave at least 1 for the broker and publishers"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, words):
     done = _bench(*argv, timeout=60)
