@@ -276,6 +276,20 @@ def write_outputs(out: Path, settings: dict, planned: list[Cell]) -> dict:
     return result
 
 
+def _same_setting(saved, asked) -> bool:
+    """Equal, or two names of one file's content (a tiers file given relative here and absolute there,
+    or a copy of it in another checkout): the cells depend on what the file says, not on its name."""
+    if saved == asked:
+        return True
+    if not (isinstance(saved, str) and isinstance(asked, str)):
+        return False
+    a, b = Path(saved), Path(asked)
+    try:
+        return a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
+
+
 def _check_settings(out: Path, settings: dict) -> None:
     path = out / "bench.json"
     if path.is_file():
@@ -283,7 +297,8 @@ def _check_settings(out: Path, settings: dict) -> None:
             saved = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise BenchError(f"{path} is unreadable ({err}); fix or delete it") from None
-        diff = [f"{k} {saved.get(k)!r} here vs {settings[k]!r} asked" for k in SETTINGS if saved.get(k) != settings[k]]
+        diff = [f"{k} {saved.get(k)!r} here vs {settings[k]!r} asked" for k in SETTINGS
+                if not _same_setting(saved.get(k), settings[k])]
         if diff:
             raise BenchError(f"{out} holds cells run with other settings ({'; '.join(diff)}); use another --out")
     else:

@@ -170,6 +170,24 @@ def test_bad_options_fail_in_one_line(argv, message, tmp_path, capsys):
     assert not (tmp_path / "grid").exists()
 
 
+def test_a_tiers_file_named_differently_is_the_same_setting_only_with_the_same_content(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tiers.toml").write_text("[tiers.nano]\nexperts = 2\n")
+    (tmp_path / "b" / "tiers.toml").write_text("[tiers.nano]\nexperts = 2\n")  # a copy in another checkout
+    settings = {key: None for key in bench.SETTINGS} | {"rounds": 2, "tiers": str(tmp_path / "a" / "tiers.toml")}
+    out = tmp_path / "grid"
+    out.mkdir()
+    bench._check_settings(out, settings)  # the first run writes them
+    monkeypatch.chdir(tmp_path)
+    bench._check_settings(out, settings | {"tiers": "a/tiers.toml"})  # relative here, absolute there
+    bench._check_settings(out, settings | {"tiers": "b/tiers.toml"})
+    (tmp_path / "b" / "tiers.toml").write_text("[tiers.nano]\nexperts = 4\n")
+    with pytest.raises(bench.BenchError, match="other settings .*tiers"):
+        bench._check_settings(out, settings | {"tiers": "b/tiers.toml"})
+    with pytest.raises(bench.BenchError, match="rounds 2 here vs 3 asked"):
+        bench._check_settings(out, settings | {"rounds": 3})
+
+
 def test_plan_gives_extra_seeds_only_to_seeded_methods_and_builds_commands():
     args = bench.parse_options(["--methods", "fft-moe,local", "--partitions", "iid,dir0.1", "--seeds", "0,1",
                                 "--seeded-methods", "fft-moe", "--ablations", "no-het,personal-router"])
