@@ -250,7 +250,7 @@ def _child(role: str, args, clients: int, **extra) -> subprocess.Popen:
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if role != "publish" and getattr(args, "reserved_cores", None):
+    if role != "publish" and args.reserved_cores:
         os.sched_setaffinity(proc.pid, args.reserved_cores)  # the subscriber side's own cores
     return proc
 
@@ -354,10 +354,6 @@ def measure(args, clients: int, payloads_per_update: int) -> dict:
             "all_server_peak_rss_mb": [r[1]["peak_rss_mb"] for r in agg_runs]}
 
 
-def _pct(share: float | None) -> str:
-    return "n/a" if share is None else f"{share:.0%}"
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         self.exit(2, f"{PROG}: {message}\n")
@@ -380,9 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="",
                         help="also measure sharded aggregation with these aggregator worker counts, e.g. 1,2")
-    parser.add_argument("--aggregator-cores", type=int, default=0,
-                        help="run the subscribers on the host's last K cores, the broker and publishers on the rest "
-                             "(Linux; default 0: share every core)")
+    parser.add_argument("--aggregator-cores", type=int, default=0, help="subscribers on the last K cores, broker "
+                        "and publishers on the rest (Linux; default 0: all share every core)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     # child processes
     parser.add_argument("--role", choices=("publish", "count", "aggregate", "shard", "coordinate"),
@@ -438,19 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = args.workers[0] if args.workers else 1
         return {"publish": run_publisher, "count": run_counter, "aggregate": run_aggregator,
                 "shard": run_shard_worker, "coordinate": run_coordinator}[args.role](args)
-    args.reserved_cores = None
-    if args.aggregator_cores:
-        try:
-            _, args.reserved_cores = reserve_cores(args.aggregator_cores)
-        except ValueError as err:
-            parser.error(str(err))
+    try:
+        args.reserved_cores = reserve_cores(args.aggregator_cores) if args.aggregator_cores else None
+    except ValueError as err:
+        parser.error(str(err))
     space, slots, layers = tier_of(args.artifacts, args.tier)
     params = {n: np.zeros(s, np.float32) for n, s in space.tier_shapes(layers, slots).items()}
-    sample = wire.encode(make_update(0, args.tier, slots, layers, params), dtype=args.upload_dtype)
-    capacity = aggregator_capacity(BenchFold(space, slots, layers, args.seed + 2, slot_map_of),
-                                   [(wire.upload_topic(FEDERATION, device_id(i), ROUND),
-                                     wire.encode(make_update(i, args.tier, slots, layers, params), dtype=args.upload_dtype))
-                                    for i in range(CAPACITY_UPLOADS)])
+    uploads = [(wire.upload_topic(FEDERATION, device_id(i), ROUND),
+                wire.encode(make_update(i, args.tier, slots, layers, params), dtype=args.upload_dtype))
+               for i in range(CAPACITY_UPLOADS)]
+    sample = uploads[0][1]  # every update of the tier encodes to the same size (fixed-width device ids)
+    capacity = aggregator_capacity(BenchFold(space, slots, layers, args.seed + 2, slot_map_of), uploads)
     print(f"[fleet] aggregator alone, in memory: {capacity['aggregator_cpu_ms_per_update']} ms CPU per update, "
           f"{capacity['aggregator_capacity_updates_per_s']} updates/s per core", file=sys.stderr, flush=True)
     records = []
@@ -478,13 +471,13 @@ def main(argv: list[str] | None = None) -> int:
                "aggregator_cores": sorted(args.reserved_cores) if args.reserved_cores else None,
                "shapes": str(args.artifacts or "builtin default export"), "records": records})
         return 0
-    from fftmoe.tables import format_table
+    from fftmoe.tables import format_table, share
 
     headers = ("clients", "updates/s", "MB/s", "broker-only updates/s", "broker-only MB/s", "agg/broker",
                "host CPU busy (agg / broker-only)", "server peak RSS MB", "round close s", "finish ms", "peak inbox")
     rows = [(r["clients"], r["updates_per_s"], r["mbytes_per_s"], r["broker_only_updates_per_s"],
-             r["broker_only_mbytes_per_s"], f"{r['ratio']:.0%}", f"{_pct(r['host_cpu_busy'])} / "
-             f"{_pct(r['broker_only_host_cpu_busy'])}", r["server_peak_rss_mb"], r["round_close_s"],
+             r["broker_only_mbytes_per_s"], f"{r['ratio']:.0%}", f"{share(r['host_cpu_busy'])} / "
+             f"{share(r['broker_only_host_cpu_busy'])}", r["server_peak_rss_mb"], r["round_close_s"],
              r["finish_ms"], r["peak_inbox"]) + tuple(
                  f"{s['updates_per_s']} / {s['worker_peak_rss_mb']} / {s['round_close_s']}" for s in r.get("sharded", []))
             for r in records]

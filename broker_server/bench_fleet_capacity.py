@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.aggregation import AggregationConfig, ClientUpdate, FftMoeStrategy
+from broker_server.aggregation import AggregationConfig, FftMoeStrategy
+from broker_server.methods import client_update
 from broker_server.receiver import UploadReceiver
 from broker_server.update_checks import validate_update
 from edge_runtime import wire
@@ -36,7 +37,8 @@ _PROC_STAT = Path("/proc/stat")
 
 class BenchFold:
     """The aggregation server's main-thread work on one upload of the bench's fleet: the `ClientUpdate`
-    (as `MoeMethod.to_update`), `validate_update` against the tier's shapes, then the fold."""
+    (`methods.client_update`, as the server makes it), `validate_update` against the tier's shapes,
+    then the fold."""
 
     def __init__(self, space, slots: int, layers, seed: int, slot_map_of):
         self.space, self.slots, self.layers, self._slot_map_of = space, slots, tuple(layers), slot_map_of
@@ -48,12 +50,7 @@ class BenchFold:
 
     def __call__(self, message: wire.Update, index: int) -> bool:
         """Fold simulated device `index`'s update; False when validation refuses it."""
-        update = ClientUpdate(device_id=message.device_id,
-                              params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
-                              slot_map=self._slot_map_of(index, self.slots, self.layers, self.space.experts),
-                              num_samples=message.num_samples,
-                              expert_tokens={int(k): np.asarray(v, dtype=np.float64)
-                                             for k, v in message.expert_tokens.items()})
+        update = client_update(message, self._slot_map_of(index, self.slots, self.layers, self.space.experts))
         if validate_update(update, self.expected, self.space.experts):
             return False
         self.strategy.fold(update)
@@ -110,16 +107,15 @@ def _cpu_times() -> tuple[int, int] | None:
     return sum(values), values[3] + values[4]
 
 
-def reserve_cores(count: int) -> tuple[set[int], set[int]]:
-    """(the others, the reserved): the last `count` of the cores this process may run on. Moves this
-    process (and so the broker and publishers it starts later) onto the others. ValueError when the
-    host cannot pin (not Linux) or has no core left over."""
+def reserve_cores(count: int) -> set[int]:
+    """The last `count` of the cores this process may run on, for the subscribers. Moves this process
+    (and so the broker and publishers it starts later) onto the others. ValueError when the host
+    cannot pin (not Linux) or has no core left over."""
     if not hasattr(os, "sched_setaffinity"):
         raise ValueError("--aggregator-cores needs a Linux host (sched_setaffinity)")
     cores = sorted(os.sched_getaffinity(0))
     if not 0 < count < len(cores):
         raise ValueError(f"--aggregator-cores {count}: this process may use {len(cores)} core(s); "
                          f"reserve at least 1 and leave at least 1 for the broker and publishers")
-    others, reserved = set(cores[:-count]), set(cores[-count:])
-    os.sched_setaffinity(0, others)
-    return others, reserved
+    os.sched_setaffinity(0, set(cores[:-count]))
+    return set(cores[-count:])

@@ -62,12 +62,7 @@ class MoeMethod:
         return params, slot_map, target
 
     def to_update(self, message: wire.Update, slot_map: dict[int, list[int]], tier: TierEntry) -> ClientUpdate:
-        return ClientUpdate(device_id=message.device_id,
-                            params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
-                            slot_map=slot_map, num_samples=message.num_samples,
-                            expert_tokens={int(k): np.asarray(v, dtype=np.float64)
-                                           for k, v in message.expert_tokens.items()},
-                            label_counts=label_counts(message))
+        return client_update(message, slot_map)
 
     def problems(self, update: ClientUpdate, tier: TierEntry) -> list[str]:
         expected = self.space.tier_shapes(list(tier.adapted_layers), tier.experts_held)
@@ -167,6 +162,16 @@ class LoraMethod:
         if optimizer:
             raise MethodError(f"the state folder holds server-optimiser state, which {self.method} never writes: "
                               "it belongs to an FFT-MoE run; use a new --state-dir")
+
+
+def client_update(message: wire.Update, slot_map: dict[int, list[int]]) -> ClientUpdate:
+    """An FFT-MoE Update as the strategy folds it: float32 arrays, float64 token counts, and the slot
+    map the server handed the device (the update itself does not carry it)."""
+    return ClientUpdate(device_id=message.device_id,
+                        params={k: v.astype(np.float32, copy=False) for k, v in message.params.items()},
+                        slot_map=slot_map, num_samples=message.num_samples,
+                        expert_tokens={int(k): np.asarray(v, dtype=np.float64) for k, v in message.expert_tokens.items()},
+                        label_counts=label_counts(message))
 
 
 def label_counts(message: wire.Update) -> np.ndarray | None:

@@ -10,3 +10,8 @@ def format_table(headers, rows) -> str:
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def share(value: float | None) -> str:
+    """A fraction as a whole percentage for a table cell, or n/a when it was not measured."""
+    return "n/a" if value is None else f"{value:.0%}"
