@@ -26,6 +26,7 @@ import numpy as np
 from edge_runtime import wire
 from edge_runtime.device_config import DeviceConfig
 from edge_runtime.emulation import Emulation, cpu_turn, peak_resident_mb, sleep_transfer
+from edge_runtime.label_privacy import reported_counts
 from edge_runtime.local_state import DeviceState, LocalState
 from edge_runtime.mqtt import BrokerConfig, MqttConnection
 from edge_runtime.trainer import LossInputs, TierTrainer, TrainerError, label_log_prior, take_steps
@@ -48,6 +49,9 @@ class DeviceAgent:
         self.dataset = dataset
         self.state = state
         self.saved = state.load() or DeviceState(device_id=config.device_id, tier=config.tier)
+        self._reported_counts: list[int] | None = None
+        if config.label_count_epsilon is not None:
+            self.reported_label_counts()  # a corrupt release file stops the device now, not mid-round
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
@@ -205,13 +209,15 @@ class DeviceAgent:
                    "samples_seen": float(result.num_samples)}
         metrics.update(self._emulated_times(result, download_s, task.upload_dtype))
         metrics["peak_rss_mb"] = peak_resident_mb()
+        if task.report_label_counts and cfg.label_count_epsilon is not None:
+            metrics["label_count_epsilon"] = cfg.label_count_epsilon
         if holdout_n:
             metrics.update(holdout_loss=holdout_loss, holdout_accuracy=holdout_acc, holdout_samples=float(holdout_n))
         update = wire.Update(device_id=cfg.device_id, round=task.round, tier=tier.name, params=result.params,
                              expert_tokens={layer: [int(round(x)) for x in result.expert_tokens[i]]
                                             for i, layer in enumerate(layers)},
                              num_samples=self.dataset.train_size, metrics=metrics,
-                             label_counts=[int(c) for c in counts] if task.report_label_counts else [])
+                             label_counts=self.reported_label_counts() if task.report_label_counts else [])
         encode_start = time.perf_counter()
         try:
             chunks = self._encode(update, task.upload_dtype)
@@ -236,6 +242,14 @@ class DeviceAgent:
             self._save_personal_router(result.params, task.slot_map)
         self.state.save(self.saved)
         return True
+
+    def reported_label_counts(self) -> list[int]:
+        """What a task asking for label counts gets: the exact counts, or the device's one private
+        release of them (`label_privacy`)."""
+        if self._reported_counts is None:
+            self._reported_counts = reported_counts(self.dataset.label_counts("train").values(),
+                                                    self.config.label_count_epsilon, self.state.folder)
+        return self._reported_counts
 
     def _emulated_times(self, result, download_s: float, upload_dtype: str) -> dict[str, float]:
         """Emulated compute and transfer seconds of this round (wall time without emulation)."""

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, help="MQTT payload size in bytes (default 262144)")
     run.add_argument("--personal-router", action="store_true", default=None,
                      help="keep this device's router rows locally (pair with the server's --personalise-router)")
+    run.add_argument("--label-count-epsilon", type=float,
+                     help="when the server asks for label counts, send one epsilon-differentially-private release "
+                          "of them instead of the exact counts (drawn once, kept in the state folder)")
     run.add_argument("--max-rounds", type=int, help="exit after serving this many rounds (default: run forever)")
     run.add_argument("--emulate", metavar="PROFILE", help="emulate a hardware profile (a name from `fftmoe profiles` "
                      "or a profile TOML file): threads, memory ceiling, link, availability, emulated time")

@@ -20,6 +20,7 @@ or train; `agent.py` does.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class DeviceConfig:
     chunk_size: int = 256 * 1024
     max_message_bytes: int = 64 * 1024 * 1024
     personal_router: bool = False
+    label_count_epsilon: float | None = None  # label counts sent only as one epsilon-DP release (label_privacy)
     reset_optimizer: bool = True
     log_every: int = 10  # progress line every N local steps
 
@@ -68,6 +70,9 @@ class DeviceConfig:
         for key in ("threads", "chunk_size", "max_message_bytes", "log_every"):
             if getattr(self, key) < 1:
                 raise DeviceConfigError(f"{key} = {getattr(self, key)} must be at least 1")
+        if self.label_count_epsilon is not None and not 0 < self.label_count_epsilon < math.inf:
+            raise DeviceConfigError(f"label_count_epsilon = {self.label_count_epsilon} must be a positive finite "
+                                    "number (leave it unset to send exact label counts)")
         if self.chunk_size < 1024:
             raise DeviceConfigError(f"chunk_size = {self.chunk_size} is too small (at least 1024 bytes)")
 

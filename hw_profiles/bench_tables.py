@@ -36,7 +36,8 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
              "label-head-personal": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
                                      "--personalise-router"],
              "label-head-router0": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
-                                    "--router-lr", "0"]}
+                                    "--router-lr", "0"],
+             "label-aware-dp1": ["--recipe", "label-aware", "--label-count-epsilon", "1"]}
 # the method an ablation varies, where it is not fft-moe
 ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}
 _DIR = re.compile(r"^dir(\d+(?:\.\d*)?|\.\d+)$")  # dir0.5: Dirichlet(0.5)
@@ -58,7 +59,9 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "fedit-label-head": "FedIT with label-head's device training and head rows (not a published baseline)",
                  "label-head-coverage": "label-head and coverage-slots",
                  "label-head-personal": "label-head and router rows kept on the device",
-                 "label-head-router0": "label-head and the global router rows not averaged (server router step 0)"}
+                 "label-head-router0": "label-head and the global router rows not averaged (server router step 0)",
+                 "label-aware-dp1": "the label-aware recipe (label-head-router0) with label counts sent as one "
+                                    "epsilon = 1 private release"}
 
 
 def _order(partition: str, name: str) -> tuple:

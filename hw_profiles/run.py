@@ -32,12 +32,24 @@ from broker_server.slots import DEFAULT_KEEP
 
 log = logging.getLogger("fftmoe.run")
 
+# Named settings for `--recipe`; flags given explicitly still win. label-aware is the configuration that
+# leads FedIT at Dirichlet(0.1) in docs/METHOD.md ("label-head-router0"): devices train against their own
+# label prior and send back only the head rows of labels they hold, each head row is averaged over the
+# devices' samples of its label (so devices report label counts: see --label-count-epsilon), and the
+# served gate stays at its initial rows while devices adapt theirs within each round.
+RECIPES = {"paper": {},
+           "label-aware": {"logit_prior": 1.0, "own_labels_only": True, "head_weighting": "labels", "router_lr": 0.0}}
+
 
 def build_parser() -> argparse.ArgumentParser:
     from hw_profiles.fleet import DEFAULT_FLEET
 
     p = argparse.ArgumentParser(prog="fftmoe run", description="Emulate a heterogeneous FFT-MoE federation on this "
                                 "machine: export, partition, broker, server and one process per device.")
+    p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
+                   help="named settings: paper (the defaults below) or label-aware (for label-skewed fleets: "
+                        "--logit-prior 1 --own-labels-only --head-weighting labels --router-lr 0; devices then "
+                        "report their label counts); flags given explicitly override it")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="backbone (default all-MiniLM-L6-v2, offline)")
     p.add_argument("--tiers", type=Path, help="tiers TOML (default: the built-in four tiers)")
     p.add_argument("--method", choices=("fft-moe", "fedit", "hetlora", "flexlora"), default="fft-moe",
@@ -83,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-weighting", choices=HEAD_WEIGHTINGS, default="samples",
                    help="head row y averaged with weights |D_n| (samples, default) or each device's samples of "
                         "label y (labels: devices report their label counts)")
+    p.add_argument("--label-count-epsilon", type=float, metavar="EPSILON",
+                   help="with --head-weighting labels: each device sends one EPSILON-differentially-private "
+                        "release of its label counts (drawn once) instead of the exact counts")
     p.add_argument("--upload-dtype", choices=("float32", "float16"), default="float32")
     p.add_argument("--round-deadline-s", type=float, default=600.0, help="host wall-clock deadline per round")
     p.add_argument("--seed", type=int, default=0)
@@ -134,8 +149,19 @@ def _export_adapters(args) -> list[str]:
     return ["--method", "lora", "--lora-rank", str(smallest.lora_rank)]
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the --recipe's settings as defaults under the flags given explicitly."""
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)  # a bad --recipe choice exits here with argparse's message
+    settings = RECIPES[first.recipe]
+    if first.method != "fft-moe":  # the LoRA baselines take the recipe's device and head settings only
+        settings = {k: v for k, v in settings.items() if k != "router_lr"}
+    parser.set_defaults(**settings)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     moe_options = args.weighting != "samples" or args.personalise_router or args.router_lr != 1 \
         or args.server_optimizer != "fedavg" or args.slot_keep != DEFAULT_KEEP
     for bad, message in ((not args.server_lr > 0, f"--server-lr must be > 0, got {args.server_lr}"),
@@ -146,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
                           "fedadam"),
+                         (args.label_count_epsilon is not None and not 0 < args.label_count_epsilon < np.inf,
+                          f"--label-count-epsilon must be a positive finite number, got {args.label_count_epsilon}"),
+                         (args.label_count_epsilon is not None and args.head_weighting != "labels",
+                          "--label-count-epsilon goes with --head-weighting labels (only then do devices send "
+                          "label counts)"),
                          (args.serve_averaged_router and not args.personalise_router,
                           "--serve-averaged-router goes with --personalise-router"),
                          (args.method != "fft-moe" and moe_options,
@@ -199,6 +230,7 @@ def _run(args, fleet) -> int:
                                                                    if p.layer is not None}),
                   "labels": list(manifest.labels), "method": args.method, "dataset": dataset.source,
                   "partition": f"dirichlet({args.alpha})" if args.partition == "dirichlet" else "iid",
+                  "recipe": args.recipe, "label_count_epsilon": args.label_count_epsilon,
                   "host_core_gflops": host_gflops}
     (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
     for d in fleet_info["devices"]:
@@ -219,6 +251,8 @@ def _run(args, fleet) -> int:
                 cmd += ["--memory-limit-mb", str(args.memory_limit_mb)]
             if args.personalise_router:
                 cmd += ["--personal-router"]
+            if args.label_count_epsilon is not None:
+                cmd += ["--label-count-epsilon", repr(args.label_count_epsilon)]
             devices[m.device_id] = subprocess.Popen(cmd, stdout=open(logs / f"{m.device_id}.log", "w"),
                                                     stderr=subprocess.STDOUT)
         alive = _wait_until_loaded(devices, logs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from contextlib import contextmanager
@@ -173,3 +174,31 @@ def test_a_task_with_a_logit_prior_trains_with_the_devices_own_label_prior(tiny_
         bias = "fftmoe_head.bias"
         np.testing.assert_allclose(updates[1.0].params[bias], task.params[bias], atol=1e-4)
         stop()
+
+
+def test_a_device_with_a_label_count_epsilon_sends_one_private_release_every_round_and_after_a_restart(
+        tiny_export, data_file, tmp_path):
+    """--label-count-epsilon: the counts a device reports sum to its samples (the server's check passes),
+    say so in the metrics, and are the same draw in every round and after the process restarts."""
+    from broker_server.update_checks import label_count_problems
+    from edge_runtime.label_privacy import RELEASE_FILE
+
+    def ask(harness, round_):
+        task = task_for(tiny_export, "small", "dev7", round_=round_, steps=1)
+        harness.send("dev7", wire.encode(wire.RoundTask(**{**task.__dict__, "report_label_counts": True})))
+        return harness.wait_for(wire.Update, "dev7")
+
+    released = []
+    with running_broker("embedded", tmp_path) as url:
+        for rounds in ((0, 1), (2,)):
+            with agent_on_broker(url, tiny_export, "small", "dev7", data_file, tmp_path,
+                                 extra=["--label-count-epsilon", "0.5"]) as (harness, _, stop):
+                for round_ in rounds:
+                    update = ask(harness, round_)
+                    assert label_count_problems(update.label_counts, update.num_samples, 5) == []
+                    assert update.metrics["label_count_epsilon"] == 0.5
+                    released.append(update.label_counts)
+                stop()
+    assert released[0] == released[1] == released[2]
+    saved = json.loads((tmp_path / "state" / RELEASE_FILE).read_text())
+    assert saved["exact"] == [6] * 5 and saved["released"] == released[0]

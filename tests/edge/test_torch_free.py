@@ -33,7 +33,7 @@ def test_device_trains_a_tier_without_torch():
 
 
 def test_device_imports_no_heavy_module():
-    code = ("import sys\nfrom edge_runtime import _ort, manifest, step_probe, cli\n"
+    code = ("import sys\nfrom edge_runtime import _ort, manifest, step_probe, cli, agent, label_privacy\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'onnx'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
