@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="embedded broker bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="embedded broker port (default 1883, 0 for any)")
     for flag in ("--ca-file", "--cert-file", "--key-file", "--username", "--password-file", "--upload-dtype",
-                 "--weighting", "--optimizer", "--norm-policy", "--method"):
+                 "--weighting", "--optimizer", "--norm-policy", "--method", "--recipe"):
         parser.add_argument(flag)
     for flag in ("--rounds", "--min-devices", "--min-participants", "--min-updates", "--local-steps", "--seed",
                  "--max-attempts"):

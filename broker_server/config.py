@@ -15,6 +15,21 @@ from edge_runtime.config_file import load_config, read_secret
 HEAD_WEIGHTINGS = ("samples", "labels")  # ServerConfig.head_weighting
 MAX_LOGIT_PRIOR = 10.0  # tau beyond this only multiplies a prior whose lacking labels are already ~5 nats down
 
+# Named settings (`--recipe`, or `recipe` in the TOML); anything set explicitly wins. label-aware is the
+# configuration that leads FedIT at Dirichlet(0.1) in docs/METHOD.md ("label-head-router0"): devices train
+# against their own label prior and send back only the head rows of labels they hold, head row y is
+# averaged over the devices' samples of y (so devices report label counts; they may send a private
+# release, `label_count_epsilon`), and the served gate stays at its initial rows while devices adapt
+# theirs within each round. router_lr is FFT-MoE's: the LoRA baselines take the rest.
+RECIPES = {"paper": {},
+           "label-aware": {"logit_prior": 1.0, "own_labels_only": True, "head_weighting": "labels", "router_lr": 0.0}}
+
+
+def recipe_settings(recipe: str, method: str) -> dict:
+    """The settings `recipe` sets for `method` (an unknown recipe sets none; the config refuses it)."""
+    settings = RECIPES.get(recipe, {})
+    return settings if method == "fft-moe" else {k: v for k, v in settings.items() if k != "router_lr"}
+
 
 class ServerConfigError(ValueError):
     """A server setting is invalid; the message names it and its source."""
@@ -64,6 +79,7 @@ class ServerConfig:
     workers: int = 0  # > 0: coordinate this many `fftmoe serve --worker` processes, which fold (coordinator.py)
     close_timeout_s: float = 60.0  # a worker's partial sums must arrive within this after the close
     seed: int = 0
+    recipe: str = "paper"  # RECIPES: named defaults under the other settings
     chunk_size: int = 256 * 1024
     max_update_bytes: int = 64 * 1024 * 1024
 
@@ -89,6 +105,7 @@ class ServerConfig:
             (0 <= self.slot_keep <= 1, "slot_keep must be in [0, 1]"),
             (self.router_lr == 1 or self.optimizer == "fedavg", "router_lr applies to the fedavg optimizer only"),
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
+            (self.recipe in RECIPES, f"recipe must be one of {', '.join(RECIPES)}"),
             (self.workers >= 0 and self.close_timeout_s > 0, "workers must be >= 0 and close_timeout_s > 0"),
             (not (self.workers and self.audit_log), "audit_log needs the updates in this process; with workers "
              "they are folded elsewhere"),
@@ -110,5 +127,15 @@ class ServerConfig:
 
 
 def load_server_config(path: str | Path | None, overrides: dict) -> ServerConfig:
-    """Read an optional TOML file, apply non-None overrides, validate."""
-    return load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config")
+    """Read an optional TOML file, apply non-None overrides, validate; a recipe's settings go under both."""
+    config = load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config")
+    settings = recipe_settings(config.recipe, config.method)
+    if not settings:
+        return config
+    try:
+        return load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config",
+                           defaults=settings)
+    except ServerConfigError as err:
+        given = ", ".join(f"{k} = {v!r}" for k, v in settings.items())
+        raise ServerConfigError(f"{err} (recipe {config.recipe!r} sets {given}; set one explicitly to override "
+                                "it)") from err

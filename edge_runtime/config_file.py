@@ -30,8 +30,9 @@ def _type_ok(value, annotation: str) -> bool:
 
 
 def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[str, ...], error: type[ValueError],
-                what: str):
-    """An instance of dataclass `cls` from TOML at `path` (optional) updated by non-None `overrides`."""
+                what: str, defaults: dict | None = None):
+    """An instance of dataclass `cls` from `defaults` (optional; e.g. a named recipe's settings), updated by
+    the TOML at `path` (optional), updated by non-None `overrides`."""
     types = {f.name: f.type for f in fields(cls)}
     values: dict = {}
     source = "command line"
@@ -46,7 +47,7 @@ def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[s
         unknown = set(values) - set(types)
         if unknown:
             raise error(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(types)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
     missing = [k for k in required if k not in values]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)

@@ -27,18 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.config import HEAD_WEIGHTINGS, MAX_LOGIT_PRIOR
+from broker_server.config import HEAD_WEIGHTINGS, MAX_LOGIT_PRIOR, RECIPES, recipe_settings
 from broker_server.slots import DEFAULT_KEEP
 
 log = logging.getLogger("fftmoe.run")
-
-# Named settings for `--recipe`; flags given explicitly still win. label-aware is the configuration that
-# leads FedIT at Dirichlet(0.1) in docs/METHOD.md ("label-head-router0"): devices train against their own
-# label prior and send back only the head rows of labels they hold, each head row is averaged over the
-# devices' samples of its label (so devices report label counts: see --label-count-epsilon), and the
-# served gate stays at its initial rows while devices adapt theirs within each round.
-RECIPES = {"paper": {},
-           "label-aware": {"logit_prior": 1.0, "own_labels_only": True, "head_weighting": "labels", "router_lr": 0.0}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,10 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The options, with the --recipe's settings as defaults under the flags given explicitly."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)  # a bad --recipe choice exits here with argparse's message
-    settings = RECIPES[first.recipe]
-    if first.method != "fft-moe":  # the LoRA baselines take the recipe's device and head settings only
-        settings = {k: v for k, v in settings.items() if k != "router_lr"}
-    parser.set_defaults(**settings)
+    parser.set_defaults(**recipe_settings(first.recipe, first.method))
     return parser.parse_args(argv)
 
 
@@ -269,7 +258,7 @@ def _run(args, fleet) -> int:
                               method=args.method, weighting=args.weighting,
                               personalise_router=args.personalise_router and not args.serve_averaged_router,
                               router_lr=args.router_lr, optimizer=args.server_optimizer, server_lr=args.server_lr,
-                              slot_keep=args.slot_keep)
+                              slot_keep=args.slot_keep, recipe=args.recipe)
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate
