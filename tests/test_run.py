@@ -25,6 +25,8 @@ availability = 1.0
 
 
 def test_run_with_three_profiles(tiny_model_dir, tmp_path):
+    """Also the label-aware recipe with private label counts: the server asks, every device answers from
+    one saved release at the run's epsilon (the default settings run in tests/test_federation_e2e.py)."""
     tiers = tmp_path / "tiers.toml"
     tiers.write_text(TINY_TIERS)
     data = write_tiny_dataset(tmp_path / "data.csv", rows=200)
@@ -33,7 +35,8 @@ def test_run_with_three_profiles(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fftmoe.cli", "run", "--model", str(tiny_model_dir), "--tiers", str(tiers),
            "--dataset", str(data), "--fleet", f"laptop:1,pi4-4gb:1,{board}", "--rounds", "2", "--local-steps", "3",
-           "--out", str(out), "--cache", str(tmp_path / "cache"), "--round-deadline-s", "60"]
+           "--out", str(out), "--cache", str(tmp_path / "cache"), "--round-deadline-s", "60",
+           "--recipe", "label-aware", "--label-count-epsilon", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
@@ -46,6 +49,10 @@ def test_run_with_three_profiles(tiny_model_dir, tmp_path):
         assert {d["status"] for d in r["devices"].values()} <= {"ok", "missed"}
     fleet = json.loads((out / "fleet.json").read_text())
     assert fleet["exit_codes"]["dev2"] == 137  # the emulated OOM kill, reported rather than hung
+    assert fleet["recipe"] == "label-aware" and fleet["label_count_epsilon"] == 2.0
+    for d in ("dev0", "dev1"):
+        release = json.loads((out / "devices" / f"{d}-state" / "label_counts.json").read_text())
+        assert release["epsilon"] == 2.0 and sum(release["released"]) == sum(release["exact"]) > 0
     assert "dev2" in done.stderr and "out of memory" in done.stderr
     assert "no tier fits its 40 MB of usable memory" in done.stderr
     logs = {d: (out / "devices" / f"{d}.log").read_text() for d in ("dev0", "dev1")}
