@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="embedded broker bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="embedded broker port (default 1883, 0 for any)")
     for flag in ("--ca-file", "--cert-file", "--key-file", "--username", "--password-file", "--upload-dtype",
-                 "--weighting", "--optimizer", "--norm-policy", "--method", "--recipe"):
+                 "--weighting", "--optimizer", "--norm-policy", "--method"):
         parser.add_argument(flag)
     for flag in ("--rounds", "--min-devices", "--min-participants", "--min-updates", "--local-steps", "--seed",
                  "--max-attempts"):
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--fraction", "--round-deadline-s", "--learning-rate", "--lambda-bal", "--lambda-het", "--gamma",
                  "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
+    parser.add_argument("--recipe", help="named settings under the file and the flags: paper (default) or "
+                        "label-aware (logit_prior 1, own_labels_only, head_weighting labels, router_lr 0: for "
+                        "label-skewed fleets; devices then report their label counts)")
     parser.add_argument("--logit-prior", type=float, metavar="TAU",
                         help="devices train with TAU x log of their own label prior added to the logits (balanced "
                              "softmax; default 0: plain cross-entropy)")

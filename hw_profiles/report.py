@@ -146,6 +146,9 @@ def _summary(fleet, rounds):
         times += f" ({emulated / wall:.1f}x)"
     up, down = (_total(_round_bytes(r, key) for r in rounds) for key in ("bytes_up", "bytes_down"))
     run = ", ".join(str(fleet[k]) for k in ("method", "dataset", "partition") if fleet.get(k))
+    settings = ([f"recipe {fleet['recipe']}"] if fleet.get("recipe", "paper") != "paper" else []) \
+        + ([f"label counts at epsilon {fleet['label_count_epsilon']:g}"] if fleet.get("label_count_epsilon") else [])
+    run += f" ({', '.join(settings)})" if settings else ""
     return [("run", run or NA), ("devices", str(len(_devices(fleet, rounds)))), ("rounds", str(len(rounds))),
             ("final test accuracy", f"{_pct(accs[-1][0])} (round {accs[-1][1]})" if accs else NA),
             ("best test accuracy", f"{_pct(best[0])} (round {best[1]})" if best else NA),

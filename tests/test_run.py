@@ -60,6 +60,7 @@ def test_run_with_three_profiles(tiny_model_dir, tmp_path):
     for name in ("report.html", "report.png", "global_adapter.npz", "model/model.onnx", "data/test.csv"):
         assert (out / name).is_file(), name
     assert "test accuracy" in done.stdout.lower()
+    assert "(recipe label-aware, label counts at epsilon 2)" in done.stdout  # the summary names the settings
 
     predicted = subprocess.run([sys.executable, "-m", "fftmoe.cli", "predict", "--model", str(out / "model" / "model.onnx"),
                                 "stock market shares bank profit", "election minister vote"],
