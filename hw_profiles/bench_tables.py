@@ -37,6 +37,8 @@ ABLATIONS = {"no-het": ["--lambda-het", "0"], "no-bal": ["--lambda-bal", "0"],
                                      "--personalise-router"],
              "label-head-router0": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
                                     "--router-lr", "0"],
+             "label-head-router0.5": ["--logit-prior", "1", "--own-labels-only", "--head-weighting", "labels",
+                                      "--router-lr", "0.5"],
              "label-aware-dp1": ["--recipe", "label-aware", "--label-count-epsilon", "1"]}
 # the method an ablation varies, where it is not fft-moe
 ABLATION_METHOD = {"fedit-label-skew": "fedit", "fedit-label-head": "fedit"}
@@ -60,6 +62,7 @@ ABLATION_TEXT = {"no-het": "lambda_het = 0", "no-bal": "lambda_bal = 0",
                  "label-head-coverage": "label-head and coverage-slots",
                  "label-head-personal": "label-head and router rows kept on the device",
                  "label-head-router0": "label-head and the global router rows not averaged (server router step 0)",
+                 "label-head-router0.5": "label-head and half a server step on the router rows (router lr 0.5)",
                  "label-aware-dp1": "the label-aware recipe (label-head-router0) with label counts sent as one "
                                     "epsilon = 1 private release"}
 
