@@ -68,6 +68,8 @@ class RoundOutcome:
 class AggregationServer:
     """Runs rounds until `config.rounds` are complete in the state folder (or `stop()`)."""
 
+    QUORUM_LOG_EVERY_S = 30.0  # how often a round waiting for devices says so
+
     def __init__(self, config: ServerConfig, manifest: Manifest, store: StateStore, broker: BrokerConfig,
                  evaluate: Callable[[dict[str, np.ndarray]], dict] | None = None):
         """`evaluate(global_arrays) -> {name: value}` adds e.g. test accuracy to every round's record."""
@@ -90,6 +92,9 @@ class AggregationServer:
         self._stop = threading.Event()
         self._folded = 0  # updates folded in the current round: their order in the audit log
         self._rng = random.Random(config.seed)
+        # online devices a round waits for: config.min_devices, lowered by whoever knows a device is gone
+        # for good (`fftmoe run` when an emulated device's process dies), so the run goes on without it
+        self.min_devices = max(config.min_devices, 1)
         fed = config.federation
         self._ack = None  # acknowledges the message the main thread took last (MqttConnection backpressure)
         self.connection = MqttConnection(broker, client_id=f"fftmoe-server-{fed}", subscriptions=self._subscriptions(),
@@ -200,12 +205,11 @@ class AggregationServer:
         round_ = self.state.round
         excluded: set[str] = set()
         for attempt in range(1, cfg.max_attempts + 1):
-            while not self._stop.is_set() and len(self._online()) < max(cfg.min_devices, 1):
-                self._drain(timeout=0.5)
+            self._wait_for_quorum(round_)
             if self._stop.is_set():
                 return
             eligible = [d for d in self._online() if d not in excluded]
-            if len(eligible) < max(cfg.min_devices, 1):
+            if len(eligible) < self.min_devices:
                 # too few besides those that failed this round: they try again (they are back online).
                 # Waiting for fresh devices instead hung the round for good (tests/test_soak.py).
                 eligible = self._online()
@@ -222,6 +226,17 @@ class AggregationServer:
                         attempt, outcome.updates, len(participants), cfg.min_updates)
             excluded |= set(outcome.failed)  # those that answered re-send their cached update if re-sampled
         log.warning("round %d: no quorum after %d attempts; waiting for devices", round_, cfg.max_attempts)
+
+    def _wait_for_quorum(self, round_: int) -> None:
+        """Block until self.min_devices devices are online (or stop), saying so every QUORUM_LOG_EVERY_S."""
+        log_every_s = self.QUORUM_LOG_EVERY_S
+        next_log = time.monotonic() + log_every_s
+        while not self._stop.is_set() and len(self._online()) < self.min_devices:
+            self._drain(timeout=0.5)
+            if time.monotonic() >= next_log:
+                log.info("round %d: waiting for devices: %d of %d online", round_, len(self._online()),
+                         self.min_devices)
+                next_log += log_every_s
 
     def _task(self, round_: int, device: Device) -> tuple[wire.RoundTask, dict[int, list[int]]]:
         cfg = self.config

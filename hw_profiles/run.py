@@ -262,7 +262,7 @@ def _run(args, fleet) -> int:
         server = AggregationServer(config, manifest, StateStore(config.state_dir), BrokerConfig(port=broker.port))
         global_model = GlobalModel(manifest, paths["test"], server.method)
         server.evaluate = global_model.evaluate
-        watcher = threading.Thread(target=_watch_devices, args=(devices, server), daemon=True)
+        watcher = threading.Thread(target=_watch_devices, args=({d: devices[d] for d in alive}, server), daemon=True)
         watcher.start()
         server.run()
         state = StateStore(config.state_dir).load()
@@ -379,5 +379,6 @@ def _watch_devices(devices: dict[str, subprocess.Popen], server) -> None:
             if code is not None and device_id not in reported:
                 reported.add(device_id)
                 what = "killed: emulated out of memory" if code == 137 else f"exited with code {code}"
-                _step(f"{device_id} {what}")
+                server.min_devices = max(1, server.min_devices - 1)  # it will not come back: stop waiting for it
+                _step(f"{device_id} {what}; the rounds go on with the {server.min_devices} left")
         time.sleep(0.5)

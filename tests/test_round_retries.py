@@ -29,3 +29,28 @@ def test_a_device_that_failed_an_attempt_is_taken_again_when_no_one_else_is_left
     assert len(records) == 1 and time.monotonic() - started < 30
     assert records[0]["attempt"] == 2 and sorted(records[0]["devices"]) == ["fake0", "fake1"]
     assert devices[0].tasks_seen == 2
+
+
+def test_a_round_waiting_for_a_device_that_is_gone_says_so_and_goes_on_when_the_quorum_is_lowered(
+        tiny_export, tmp_path, caplog, monkeypatch):
+    """min_devices 3 with two devices online: the round waits and logs what it waits for; lowering
+    server.min_devices (what `fftmoe run` does when an emulated device's process dies) lets it run."""
+    import logging
+
+    from broker_server.server import AggregationServer
+
+    caplog.set_level(logging.INFO, logger="fftmoe.server")
+    monkeypatch.setattr(AggregationServer, "QUORUM_LOG_EVERY_S", 0.5)
+    with EmbeddedBroker(port=0) as embedded:
+        devices = [FakeDevice(embedded.url, "gone", f"fake{i}", "small", samples=20).start() for i in range(2)]
+        server, runner = serve_in_thread(tiny_export, embedded.url, tmp_path / "state", federation="gone",
+                                         rounds=1, min_devices=3, round_deadline_s=10)
+        time.sleep(2.0)
+        assert runner.is_alive() and not (tmp_path / "state" / "metrics.jsonl").exists()
+        server.min_devices = 2
+        runner.join(timeout=60)
+        for device in devices:
+            device.stop()
+    assert not runner.is_alive(), "the round still waited for the third device"
+    assert "round 0: waiting for devices: 2 of 3 online" in caplog.text
+    assert len(metrics(tmp_path / "state")) == 1
