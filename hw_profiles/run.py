@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"--logit-prior must be in [0, {MAX_LOGIT_PRIOR:g}], got {args.logit_prior}"),
                          (args.router_lr != 1 and args.server_optimizer != "fedavg",
                           "--router-lr is a step of the fedavg server optimizer; drop it with --server-optimizer "
-                          "fedadam"),
+                          "fedadam" + (f" (the {args.recipe} recipe sets it; give --router-lr 1 to override)"
+                                       if "router_lr" in RECIPES[args.recipe] else "")),
                          (args.label_count_epsilon is not None and not 0 < args.label_count_epsilon < np.inf,
                           f"--label-count-epsilon must be a positive finite number, got {args.label_count_epsilon}"),
                          (args.label_count_epsilon is not None and args.head_weighting != "labels",

@@ -32,8 +32,10 @@ def test_bad_method_options_exit_2_before_any_work(argv, words, capsys, tmp_path
     (["--label-count-epsilon", "1"], "--label-count-epsilon goes with --head-weighting labels"),
     (["--recipe", "label-aware", "--head-weighting", "samples", "--label-count-epsilon", "1"],
      "goes with --head-weighting labels"),
+    (["--recipe", "label-aware", "--server-optimizer", "fedadam"],
+     "(the label-aware recipe sets it; give --router-lr 1 to override)"),
 ])
-def test_bad_label_count_options_exit_2_before_any_work(argv, words, capsys, tmp_path):
+def test_bad_label_count_and_recipe_options_exit_2_before_any_work(argv, words, capsys, tmp_path):
     assert run.main(argv + ["--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fftmoe run: error: ") and words in err and err.count("\n") == 1
