@@ -19,6 +19,8 @@ EXIT_CONFIG, EXIT_ARTIFACTS, EXIT_STATE = 2, 3, 5
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from broker_server.config import recipe_flags
+
     parser = argparse.ArgumentParser(prog="fftmoe serve", description="Run FFT-MoE aggregation rounds over MQTT.",
                                      epilog="Exit codes: 0 done, 2 bad configuration, 3 artifacts missing or "
                                             "corrupt, 5 state folder unusable.")
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "--server-lr", "--router-lr", "--slot-keep", "--clip-multiplier"):
         parser.add_argument(flag, type=float)
     parser.add_argument("--recipe", help="named settings under the file and the flags: paper (default) or "
-                        "label-aware (logit_prior 1, own_labels_only, head_weighting labels, router_lr 0: for "
-                        "label-skewed fleets; devices then report their label counts)")
+                        f"label-aware ({recipe_flags('label-aware')}: for label-skewed fleets; devices then report "
+                        "their label counts)")
     parser.add_argument("--logit-prior", type=float, metavar="TAU",
                         help="devices train with TAU x log of their own label prior added to the logits (balanced "
                              "softmax; default 0: plain cross-entropy)")

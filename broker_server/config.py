@@ -10,7 +10,7 @@ from pathlib import Path
 
 from broker_server.methods import METHODS
 from broker_server.slots import DEFAULT_KEEP
-from edge_runtime.config_file import load_config, read_secret
+from edge_runtime.config_file import build_config, config_values, read_secret
 
 HEAD_WEIGHTINGS = ("samples", "labels")  # ServerConfig.head_weighting
 MAX_LOGIT_PRIOR = 10.0  # tau beyond this only multiplies a prior whose lacking labels are already ~5 nats down
@@ -23,6 +23,14 @@ MAX_LOGIT_PRIOR = 10.0  # tau beyond this only multiplies a prior whose lacking 
 # theirs within each round. router_lr is FFT-MoE's: the LoRA baselines take the rest.
 RECIPES = {"paper": {},
            "label-aware": {"logit_prior": 1.0, "own_labels_only": True, "head_weighting": "labels", "router_lr": 0.0}}
+
+
+def recipe_flags(recipe: str) -> str:
+    """The recipe as the command-line flags it stands for (for help texts)."""
+    def flag(key, value):
+        name = "--" + key.replace("_", "-")
+        return name if value is True else f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+    return " ".join(flag(k, v) for k, v in RECIPES[recipe].items())
 
 
 def recipe_settings(recipe: str, method: str) -> dict:
@@ -128,13 +136,13 @@ class ServerConfig:
 
 def load_server_config(path: str | Path | None, overrides: dict) -> ServerConfig:
     """Read an optional TOML file, apply non-None overrides, validate; a recipe's settings go under both."""
-    config = load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config")
+    values, source = config_values(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config")
+    config = build_config(ServerConfig, values, source, ServerConfigError)
     settings = recipe_settings(config.recipe, config.method)
     if not settings:
         return config
-    try:
-        return load_config(ServerConfig, path, overrides, ("artifacts",), ServerConfigError, "server config",
-                           defaults=settings)
+    try:  # the values alone made a valid config, so an error now is the recipe's doing
+        return build_config(ServerConfig, {**settings, **values}, source, ServerConfigError)
     except ServerConfigError as err:
         given = ", ".join(f"{k} = {v!r}" for k, v in settings.items())
         raise ServerConfigError(f"{err} (recipe {config.recipe!r} sets {given}; set one explicitly to override "

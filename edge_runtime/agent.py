@@ -14,6 +14,7 @@ Exit codes: 0 stopped cleanly; 2 bad configuration; 3 artifacts missing or corru
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import queue
@@ -49,9 +50,8 @@ class DeviceAgent:
         self.dataset = dataset
         self.state = state
         self.saved = state.load() or DeviceState(device_id=config.device_id, tier=config.tier)
-        self._reported_counts: list[int] | None = None
         if config.label_count_epsilon is not None:
-            self.reported_label_counts()  # a corrupt release file stops the device now, not mid-round
+            self.reported_label_counts  # noqa: B018 -- a corrupt release file stops the device now, not mid-round
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
@@ -189,7 +189,7 @@ class DeviceAgent:
                 if waited < 0:
                     log.info("round %d: stopping while waiting for a host core", task.round)
                     return False
-                counts = np.array(list(self.dataset.label_counts("train").values()))
+                counts = self.train_label_counts
                 loss = LossInputs(task.lambda_bal, task.lambda_het, target, label_log_prior(counts, task.logit_prior),
                                   kept_labels=counts == 0 if task.own_labels_only else None)
                 result = self.trainer.train_round(arrays, batches, loss,
@@ -217,7 +217,7 @@ class DeviceAgent:
                              expert_tokens={layer: [int(round(x)) for x in result.expert_tokens[i]]
                                             for i, layer in enumerate(layers)},
                              num_samples=self.dataset.train_size, metrics=metrics,
-                             label_counts=self.reported_label_counts() if task.report_label_counts else [])
+                             label_counts=self.reported_label_counts if task.report_label_counts else [])
         encode_start = time.perf_counter()
         try:
             chunks = self._encode(update, task.upload_dtype)
@@ -243,13 +243,16 @@ class DeviceAgent:
         self.state.save(self.saved)
         return True
 
+    @functools.cached_property
+    def train_label_counts(self) -> np.ndarray:
+        """Training samples per manifest label [C]; the local data does not change while the agent runs."""
+        return np.array(list(self.dataset.label_counts("train").values()))
+
+    @functools.cached_property
     def reported_label_counts(self) -> list[int]:
         """What a task asking for label counts gets: the exact counts, or the device's one private
         release of them (`label_privacy`)."""
-        if self._reported_counts is None:
-            self._reported_counts = reported_counts(self.dataset.label_counts("train").values(),
-                                                    self.config.label_count_epsilon, self.state.folder)
-        return self._reported_counts
+        return reported_counts(self.train_label_counts, self.config.label_count_epsilon, self.state.folder)
 
     def _emulated_times(self, result, download_s: float, upload_dtype: str) -> dict[str, float]:
         """Emulated compute and transfer seconds of this round (wall time without emulation)."""

@@ -29,10 +29,10 @@ def _type_ok(value, annotation: str) -> bool:
     return isinstance(value, str)
 
 
-def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[str, ...], error: type[ValueError],
-                what: str, defaults: dict | None = None):
-    """An instance of dataclass `cls` from `defaults` (optional; e.g. a named recipe's settings), updated by
-    the TOML at `path` (optional), updated by non-None `overrides`."""
+def config_values(cls, path: str | Path | None, overrides: dict, required: tuple[str, ...],
+                  error: type[ValueError], what: str) -> tuple[dict, str]:
+    """(settings, where they came from) for dataclass `cls`: the TOML at `path` (optional) updated by
+    non-None `overrides`; unknown keys, missing required keys and wrong types are errors."""
     types = {f.name: f.type for f in fields(cls)}
     values: dict = {}
     source = "command line"
@@ -47,7 +47,7 @@ def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[s
         unknown = set(values) - set(types)
         if unknown:
             raise error(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(types)}")
-    values = {**(defaults or {}), **values, **{k: v for k, v in overrides.items() if v is not None}}
+    values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [k for k in required if k not in values]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -55,10 +55,21 @@ def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[s
     for key, value in values.items():
         if not _type_ok(value, types[key]):
             raise error(f"{source}: {key} = {value!r} has the wrong type (expected {types[key]})")
+    return values, source
+
+
+def build_config(cls, values: dict, source: str, error: type[ValueError]):
+    """`cls(**values)`, its validation error prefixed with where the values came from."""
     try:
         return cls(**values)
     except error as err:
         raise error(f"{source}: {err}") from err
+
+
+def load_config(cls, path: str | Path | None, overrides: dict, required: tuple[str, ...], error: type[ValueError],
+                what: str):
+    """An instance of dataclass `cls` from TOML at `path` (optional) updated by non-None `overrides`."""
+    return build_config(cls, *config_values(cls, path, overrides, required, error, what), error)
 
 
 def read_secret(path: str | None, error: type[ValueError]) -> str | None:

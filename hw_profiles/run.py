@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from broker_server.config import HEAD_WEIGHTINGS, MAX_LOGIT_PRIOR, RECIPES, recipe_settings
+from broker_server.config import HEAD_WEIGHTINGS, MAX_LOGIT_PRIOR, RECIPES, recipe_flags, recipe_settings
 from broker_server.slots import DEFAULT_KEEP
 
 log = logging.getLogger("fftmoe.run")
@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "machine: export, partition, broker, server and one process per device.")
     p.add_argument("--recipe", choices=tuple(RECIPES), default="paper",
                    help="named settings: paper (the defaults below) or label-aware (for label-skewed fleets: "
-                        "--logit-prior 1 --own-labels-only --head-weighting labels --router-lr 0; devices then "
-                        "report their label counts); flags given explicitly override it")
+                        f"{recipe_flags('label-aware')}; devices then report their label counts); flags given "
+                        "explicitly override it")
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="backbone (default all-MiniLM-L6-v2, offline)")
     p.add_argument("--tiers", type=Path, help="tiers TOML (default: the built-in four tiers)")
     p.add_argument("--method", choices=("fft-moe", "fedit", "hetlora", "flexlora"), default="fft-moe",
