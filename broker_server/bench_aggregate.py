@@ -64,7 +64,7 @@ def load_shapes(artifacts: Path | None) -> tuple[ParamSpace, list[tuple[str, int
     from edge_runtime.manifest import load_manifest
 
     manifest = load_manifest(artifacts)
-    tiers = [(t.name, t.experts_held, tuple(t.adapted_layers)) for t in manifest.tiers.values()]
+    tiers = [(t.name, t.experts_held, tuple(t.adapted_layers)) for t in manifest.training_tiers.values()]
     return ParamSpace(manifest.global_params), tiers
 
 

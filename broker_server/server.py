@@ -185,9 +185,10 @@ class AggregationServer:
         return message
 
     def _register(self, hello: wire.Hello) -> None:
-        if hello.tier not in self.manifest.tiers:
-            log.warning("device %s announced unknown tier %r; ignored (tiers: %s)", hello.device_id, hello.tier,
-                        ", ".join(self.manifest.tiers))
+        if hello.tier not in self.manifest.training_tiers:
+            log.warning("device %s announced %s tier %r; ignored (device tiers: %s)", hello.device_id,
+                        "the serving-only" if hello.tier in self.manifest.tiers else "unknown", hello.tier,
+                        ", ".join(self.manifest.training_tiers))
             return
         known = self.devices.get(hello.device_id)
         if known is None:

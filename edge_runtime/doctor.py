@@ -166,6 +166,8 @@ def check_artifacts(artifacts: str, tier: str, config_path: str | None = None):
         return Check("artifacts", "FAIL", f"{err}{where}", "copy the bundle's artifacts/ folder again (install.sh)"), None
     try:
         verify_tier(manifest, tier)
+    except ManifestError as err:  # a serving-only tier
+        return Check("artifacts", "FAIL", str(err), "set `tier` in the device config to a device tier"), entry
     except ArtifactIntegrityError as err:
         return Check("artifacts", "FAIL", str(err), "reinstall the bundle (install.sh) or copy the tier folder "
                      "again"), entry

@@ -70,6 +70,7 @@ class TierEntry:
     measured: dict[str, float] = field(default_factory=dict)  # peak_rss_mb, step_ms, threads
     description: str = ""
     rank: int = 0  # LoRA exports: this tier's LoRA rank (FFT-MoE: the global expert rank r)
+    serving_only: bool = False  # the served global model's tier; never assigned to a device
 
     @property
     def trainable_params(self) -> int:
@@ -110,6 +111,11 @@ class Manifest:
     @property
     def is_lora(self) -> bool:
         return self.method == "lora"
+
+    @property
+    def training_tiers(self) -> dict[str, TierEntry]:
+        """The tiers devices train: every tier but a serving-only one."""
+        return {name: t for name, t in self.tiers.items() if not t.serving_only}
 
     def tier(self, name: str) -> TierEntry:
         if name not in self.tiers:
@@ -163,7 +169,7 @@ def load_manifest(folder: str | Path) -> Manifest:
                             batch_size=t["batch_size"], params=tuple(_param(p) for p in t["params"]),
                             files={k: _file(v) for k, v in t["files"].items()},
                             measured=dict(t.get("measured", {})), description=t.get("description", ""),
-                            rank=int(t.get("rank", data["rank"])))
+                            rank=int(t.get("rank", data["rank"])), serving_only=bool(t.get("serving_only", False)))
             for name, t in data["tiers"].items()
         }
         manifest = Manifest(schema=data["schema"], backbone=dict(data["backbone"]), labels=tuple(data["labels"]),
@@ -192,7 +198,12 @@ def verify_files(manifest: Manifest, entries: list[FileEntry]) -> None:
 
 
 def verify_tier(manifest: Manifest, tier: str) -> TierEntry:
-    """Verify every file of one tier and return its entry."""
+    """Verify every file of one device tier and return its entry; a serving-only tier is refused
+    (ManifestError), since a device training it would hold experts no budget was sized for."""
     entry = manifest.tier(tier)
+    if entry.serving_only:
+        raise ManifestError(f"{manifest.root / MANIFEST_NAME}: tier {tier!r} is serving-only (the served global "
+                            f"model runs on it; no device trains it); choose one of: "
+                            f"{', '.join(manifest.training_tiers)}")
     verify_files(manifest, list(entry.files.values()))
     return entry

@@ -85,6 +85,8 @@ def export_all(backbone: Backbone, spec: TierSpec, options: ExportOptions, progr
         raise ExportError(f"unknown adapter method {options.method!r}; choose one of {', '.join(METHODS)}")
     if len(options.labels) < 2 or len(set(options.labels)) != len(options.labels):
         raise ExportError(f"need at least two distinct class labels, got {list(options.labels)}")
+    if options.method == "lora":
+        spec = spec.without_serving_tier()
     out = options.out_dir
     check_output_dir(out)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # an interrupted export must not look complete
@@ -193,7 +195,7 @@ def _export_tier(backbone: Backbone, model: AdaptedClassifier | LoraClassifier, 
                      adapted_layers=tuple(range(num_layers - tier.adapted_layers, num_layers)),
                      seq_len=tier.seq_len, batch_size=tier.batch_size, params=params, files=files,
                      measured=measured, description=tier.description,
-                     rank=model.rank)
+                     rank=model.rank, serving_only=tier.serving_only)
 
 
 def _write_inference_model(tier_dir: Path) -> None:

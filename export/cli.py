@@ -84,7 +84,7 @@ def summary_table(manifest) -> str:
     for t in manifest.tiers.values():
         train_mb = sum(t.files[k].bytes for k in ("training_model", "eval_model", "optimizer_model", "checkpoint")) / 1e6
         shape = (t.rank,) if lora else (t.experts_held, t.top_k)
-        rows.append((t.name, *shape, len(t.adapted_layers), f"{t.seq_len} x {t.batch_size}",
+        rows.append((t.name + (" (serving only)" if t.serving_only else ""), *shape, len(t.adapted_layers), f"{t.seq_len} x {t.batch_size}",
                      f"{t.trainable_params:,}", f"{train_mb:.1f}", f"{t.files['inference_model'].bytes / 1e6:.1f}",
                      f"{t.measured['peak_rss_mb']:.0f}", f"{t.measured['step_ms']:.0f}"))
     return format_table(headers, rows)

@@ -2,15 +2,17 @@
 
 A tier fixes what one class of device trains: experts held (slots), top-k, how many of the last
 layers are adapted, sequence length and batch size. Expert count M and rank r are global, so every
-slot of every tier can hold any global expert. This module parses and checks the file; checks that
-need the backbone (sequence length, layer count) are in `TierSpec.check_against`.
+slot of every tier can hold any global expert. One tier may be `serving_only`: no device is ever
+assigned it, and the served global model (test accuracy, `fftmoe predict`) runs on it; it exists for
+tier sets where no device tier holds every global expert. This module parses and checks the file;
+checks that need the backbone (sequence length, layer count) are in `TierSpec.check_against`.
 """
 
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -38,6 +40,7 @@ class Tier:
     batch_size: int  # samples per local step
     description: str = ""
     lora_rank: int = 0  # rank of the LoRA baselines' adapters in this tier; 0 = the global rank r
+    serving_only: bool = False  # never assigned to a device; the served global model runs on it
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,16 @@ class TierSpec:
             if t.name == name:
                 return t
         raise TierConfigError(f"{self.source}: no tier named {name!r} (have: {', '.join(t.name for t in self.tiers)})")
+
+    @property
+    def training_tiers(self) -> tuple[Tier, ...]:
+        """The tiers devices train (every tier but a serving-only one)."""
+        return tuple(t for t in self.tiers if not t.serving_only)
+
+    def without_serving_tier(self) -> TierSpec:
+        """The spec the LoRA baselines export: a LoRA global adapter is served at the largest trained rank,
+        so a serving-only tier would only repeat one."""
+        return replace(self, tiers=self.training_tiers)
 
     @property
     def global_layers(self) -> int:
@@ -119,13 +132,35 @@ def parse_tiers(text: str, source: str = "<string>") -> TierSpec:
         description = table.get("description", "")
         if not isinstance(description, str):
             raise TierConfigError(f"{source}: {where}.description must be a string")
+        serving_only = table.get("serving_only", False)
+        if not isinstance(serving_only, bool):
+            raise TierConfigError(f"{source}: {where}.serving_only = {serving_only!r} must be true or false")
         tiers.append(Tier(name=name, experts_held=held, top_k=top_k,
                           adapted_layers=_int(source, where, table, "adapted_layers", 1, 1024),
                           seq_len=_int(source, where, table, "seq_len", 2, 1 << 16),
                           batch_size=_int(source, where, table, "batch_size", 1, 4096),
                           description=description,
-                          lora_rank=_int(source, where, table, "lora_rank", 1, 4096) if "lora_rank" in table else rank))
+                          lora_rank=_int(source, where, table, "lora_rank", 1, 4096) if "lora_rank" in table else rank,
+                          serving_only=serving_only))
+    _check_serving_tier(source, tiers)
     return TierSpec(experts=experts, rank=rank, tiers=tuple(tiers), source=source)
+
+
+def _check_serving_tier(source: str, tiers: list[Tier]) -> None:
+    """At most one serving-only tier, at least one tier to train, and no served layer left untrained."""
+    serving = [t for t in tiers if t.serving_only]
+    training = [t for t in tiers if not t.serving_only]
+    if not training:
+        raise TierConfigError(f"{source}: every tier is serving_only, so no device could train; "
+                              "set serving_only = false on the device tiers")
+    if len(serving) > 1:
+        raise TierConfigError(f"{source}: tiers {', '.join(t.name for t in serving)} are all serving_only; "
+                              "keep one (the served model runs on a single tier)")
+    if serving and serving[0].adapted_layers > max(t.adapted_layers for t in training):
+        most = max(t.adapted_layers for t in training)
+        raise TierConfigError(f"{source}: [tiers.{serving[0].name}] is serving_only and adapts "
+                              f"{serving[0].adapted_layers} layers, but no device tier adapts more than {most}, so "
+                              f"those experts would never be trained; set its adapted_layers to at most {most}")
 
 
 def load_tiers(path: str | Path | None = None) -> TierSpec:

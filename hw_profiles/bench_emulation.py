@@ -51,7 +51,7 @@ def _progress(message: str) -> None:
 def resolve(args) -> tuple[Path, str]:
     """The export folder and tier to run; BenchError on a missing export or an unknown tier."""
     from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
-    from hw_profiles.global_model import serving_tier
+    from hw_profiles.global_model import largest_training_tier
 
     if args.artifacts is None:
         from hw_profiles.run import build_parser as run_parser, export_cached
@@ -64,9 +64,10 @@ def resolve(args) -> tuple[Path, str]:
     except ManifestError as err:
         raise BenchError(str(err)) from None
     if args.tier is None:  # the most adapter weights: the heaviest step
-        return args.artifacts, serving_tier(manifest)
-    if args.tier not in manifest.tiers:
-        raise BenchError(f"unknown tier {args.tier!r} in {args.artifacts} (have: {', '.join(manifest.tiers)})")
+        return args.artifacts, largest_training_tier(manifest)
+    if args.tier not in manifest.training_tiers:
+        kind = "serving-only tier" if args.tier in manifest.tiers else "unknown tier"
+        raise BenchError(f"{kind} {args.tier!r} in {args.artifacts} (device tiers: {', '.join(manifest.training_tiers)})")
     return args.artifacts, args.tier
 
 

@@ -1,10 +1,11 @@
 """The global model of a run: evaluated on the held-out test split, and exported ready to serve.
 
 The server's global arrays hold every global expert (or, for the LoRA baselines, the global factors);
-to run them we load the exported tier that trains the most parameters, fill it with what the run's
-method deploys there (`RoundMethod.serving_arrays`: the most-used experts of each layer, or the tier's
-rank-r view of the factors), and use its eval graph for test accuracy or derive a plain-onnxruntime
-inference model from it. Torch-free.
+to run them we load the serving tier (the tiers file's serving-only tier, else the device tier that
+trains the most parameters), fill it with what the run's method deploys there
+(`RoundMethod.serving_arrays`: the most-used experts of each layer, all of them when the tier holds M,
+or the tier's rank-r view of the factors), and use its eval graph for test accuracy or derive a
+plain-onnxruntime inference model from it. Torch-free.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from edge_runtime.trainer import TierTrainer, export_inference_model
 
 
 def serving_tier(manifest: Manifest) -> str:
-    return max(manifest.tiers.values(), key=lambda t: t.trainable_params).name
+    """The tiers file's serving-only tier when it has one, else the device tier with the most weights."""
+    serving = [t.name for t in manifest.tiers.values() if t.serving_only]
+    return serving[0] if serving else largest_training_tier(manifest)
+
+
+def largest_training_tier(manifest: Manifest) -> str:
+    """The device tier that trains the most parameters (the heaviest step)."""
+    return max(manifest.training_tiers.values(), key=lambda t: t.trainable_params).name
 
 
 class GlobalModel:

@@ -168,7 +168,7 @@ def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None 
     if round_budget_s is not None and host_core_gflops is None:
         host_core_gflops = calibrate_host_core_gflops()
     chosen, reasons = None, []
-    for tier in sorted(manifest.tiers.values(), key=lambda t: (t.trainable_params, t.name), reverse=True):
+    for tier in sorted(manifest.training_tiers.values(), key=lambda t: (t.trainable_params, t.name), reverse=True):
         head = f"{tier.name} ({tier.trainable_params:,} trainable):"
         if "peak_rss_mb" not in tier.measured or (round_budget_s is not None and not
                                                    {"step_ms", "threads"} <= set(tier.measured)):
@@ -188,8 +188,8 @@ def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None 
         if mem_ok and time_ok and chosen is None:
             chosen = tier.name
         reasons.append(f"{head} {'; '.join(parts)}{' -> chosen' if chosen == tier.name else ''}")
-    if not manifest.tiers:
-        reasons.append("the manifest has no tiers")
+    if not manifest.training_tiers:
+        reasons.append("the manifest has no device tiers")
     return chosen, reasons
 
 

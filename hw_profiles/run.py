@@ -306,7 +306,7 @@ def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
         tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
                                  local_steps=args.local_steps)
         if tier is None:
-            by_size = sorted(manifest.tiers.values(), key=lambda t: t.trainable_params)
+            by_size = sorted(manifest.training_tiers.values(), key=lambda t: t.trainable_params)
             fitting = [t for t in by_size if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * 0.8]
             tier = (fitting or by_size)[0].name
             if fitting:  # too slow for the budget in every tier: the smallest that fits, as the straggler

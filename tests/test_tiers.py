@@ -59,3 +59,43 @@ def test_unreadable_file_and_bad_toml(tmp_path):
     bad.write_text("[global\n")
     with pytest.raises(TierConfigError, match="bad.toml: not valid TOML"):
         load_tiers(bad)
+
+
+SERVING = GOOD + """
+[tiers.serve]
+serving_only = true
+experts_held = 8
+top_k = 2
+adapted_layers = 2
+seq_len = 64
+batch_size = 8
+"""
+
+
+def test_a_serving_only_tier_is_served_not_trained():
+    spec = parse_tiers(SERVING, "t.toml")
+    assert [t.name for t in spec.training_tiers] == ["a"]
+    assert spec.tier("serve").serving_only and not spec.tier("a").serving_only
+    assert [t.name for t in spec.without_serving_tier().tiers] == ["a"]  # what the LoRA baselines export
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("serving_only = true", 'serving_only = "yes"'), "[tiers.serve].serving_only = 'yes' must be true or false"),
+    (("batch_size = 8\n\n[tiers.serve]", "batch_size = 8\nserving_only = true\n\n[tiers.serve]"),
+     "every tier is serving_only, so no device could train"),
+    (("adapted_layers = 2\nseq_len = 64\nbatch_size = 8\n\n[tiers.serve]",
+      "adapted_layers = 1\nseq_len = 64\nbatch_size = 8\n\n[tiers.serve]"),
+     "[tiers.serve] is serving_only and adapts 2 layers, but no device tier adapts more than 1"),
+])
+def test_bad_serving_tiers_are_named(edit, message):
+    text = SERVING.replace(*edit)
+    assert text != SERVING
+    with pytest.raises(TierConfigError) as err:
+        parse_tiers(text, "my/tiers.toml")
+    assert message in str(err.value) and str(err.value).startswith("my/tiers.toml:")
+
+
+def test_two_serving_tiers_are_refused():
+    text = SERVING + SERVING[SERVING.index("[tiers.serve]"):].replace("[tiers.serve]", "[tiers.serve2]")
+    with pytest.raises(TierConfigError, match="tiers serve, serve2 are all serving_only; keep one"):
+        parse_tiers(text, "t.toml")
