@@ -36,9 +36,9 @@ from hw_profiles.bench_tables import (
 from hw_profiles.report import finite, load_run, mean_known
 
 DEFAULT_FLEET = "pi-zero-2w:1,pi3b-plus:1,pi4-2gb:1,pi4-4gb:1,pi5-8gb:1,jetson-nano:1,orin-nano:1,agx-orin:1"
-PASS_THROUGH = ("model", "tiers", "dataset", "text_column", "label_column", "cache", "learning_rate")
+PASS_THROUGH = ("model", "tiers", "dataset", "text_column", "label_column", "cache", "learning_rate", "device_tiers")
 SETTINGS = ("fleet", "rounds", "local_steps", "model", "tiers", "dataset", "text_column", "label_column",
-            "learning_rate")  # what makes cells comparable; a folder holds cells of one setting only
+            "learning_rate", "device_tiers")  # what makes cells comparable; a folder holds cells of one setting only
 
 
 class BenchError(ValueError):

@@ -27,6 +27,14 @@ def serving_tier(manifest: Manifest) -> str:
     return serving[0] if serving else largest_training_tier(manifest)
 
 
+def describe_serving(manifest: Manifest) -> str:
+    """One line for run summaries: which tier serves, and how much of the global model it holds."""
+    tier = manifest.tier(serving_tier(manifest))
+    held = f"LoRA rank {tier.rank}" if manifest.is_lora else f"{tier.experts_held} of {manifest.experts} experts per layer"
+    layers = len(tier.adapted_layers)
+    return f"tier {tier.name}{' (serving only)' if tier.serving_only else ''}: {held}, {layers} layer{'s' * (layers != 1)}"
+
+
 def largest_training_tier(manifest: Manifest) -> str:
     """The device tier that trains the most parameters (the heaviest step)."""
     return max(manifest.training_tiers.values(), key=lambda t: t.trainable_params).name

@@ -153,7 +153,7 @@ def _summary(fleet, rounds):
             ("final test accuracy", f"{_pct(accs[-1][0])} (round {accs[-1][1]})" if accs else NA),
             ("best test accuracy", f"{_pct(best[0])} (round {best[1]})" if best else NA),
             ("mean round time", times), ("total traffic", f"{_mb(up)} up / {_mb(down)} down"),
-            ("device-rounds by status", _status_counts(rounds) or NA)]
+            ("device-rounds by status", _status_counts(rounds) or NA), ("served model", fleet.get("served_model", NA))]
 
 
 def summary_lines(run_dir):

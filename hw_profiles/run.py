@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--round-budget-s", type=float, default=30.0,
                    help="emulated seconds of local training a round may take; picks each device's tier with its "
                         "memory (default 30)")
+    p.add_argument("--device-tiers", metavar="TIER,...",
+                   help="give dev0, dev1, ... these tiers (one per device) instead of choosing each from its memory "
+                        "and the round budget; the choice rests on step times measured at export, so a benchmark "
+                        "pins it to train the same fleet in every cell")
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--lambda-bal", type=float, default=0.01)
     p.add_argument("--lambda-het", type=float, default=0.01)
@@ -197,7 +201,7 @@ def _run(args, fleet) -> int:
     from broker_server.state import StateStore
     from edge_runtime.manifest import load_manifest
     from edge_runtime.mqtt import BrokerConfig
-    from hw_profiles.global_model import GlobalModel
+    from hw_profiles.global_model import GlobalModel, describe_serving
     from hw_profiles.profiles import calibrate_host_core_gflops, profile_path
     from hw_profiles.report import summary_lines, write_report
 
@@ -221,7 +225,7 @@ def _run(args, fleet) -> int:
                   "labels": list(manifest.labels), "method": args.method, "dataset": dataset.source,
                   "partition": f"dirichlet({args.alpha})" if args.partition == "dirichlet" else "iid",
                   "recipe": args.recipe, "label_count_epsilon": args.label_count_epsilon,
-                  "host_core_gflops": host_gflops}
+                  "served_model": describe_serving(manifest), "host_core_gflops": host_gflops}
     (run_dir / "fleet.json").write_text(json.dumps(fleet_info, indent=1) + "\n")
     for d in fleet_info["devices"]:
         _step(f"  {d['device_id']}: {d['profile']:<12} tier {d['tier']:<7} {d['train_samples']} samples")
@@ -295,14 +299,24 @@ def _run(args, fleet) -> int:
 
 
 def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
-    """(member, profile, tier name) per fleet member: the largest tier its memory and round budget allow;
-    a device no tier fits still gets one (the smallest that fits its memory, else the smallest) and
-    is announced as the straggler or the likely out-of-memory kill, as on the real board."""
+    """(member, profile, tier name) per fleet member: the tier `--device-tiers` pins, else the largest tier
+    its memory and round budget allow; a device no tier fits still gets one (the smallest that fits its
+    memory, else the smallest) and is announced as the straggler or the likely out-of-memory kill, as on
+    the real board."""
     from hw_profiles.profiles import load_profile, tier_for
 
+    pinned = pinned_tiers(args.device_tiers, fleet, manifest) if args.device_tiers else None
     members = []
-    for m in fleet:
+    for index, m in enumerate(fleet):
         profile = load_profile(m.profile)
+        if pinned:
+            tier = pinned[index]
+            rss = manifest.tier(tier).measured.get("peak_rss_mb", 0.0)
+            if rss > profile.usable_ram_mb * 0.8:
+                _step(f"{m.device_id} ({m.profile}): --device-tiers gives it {tier}, whose {rss:.0f} MB peak does not "
+                      f"fit its {profile.usable_ram_mb:.0f} MB of usable memory; it will most likely be killed")
+            members.append((m, profile, tier))
+            continue
         tier, reasons = tier_for(profile, manifest, round_budget_s=args.round_budget_s, host_core_gflops=host_gflops,
                                  local_steps=args.local_steps)
         if tier is None:
@@ -317,6 +331,22 @@ def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
                       f"it gets {tier} and will most likely be killed for running out of memory")
         members.append((m, profile, tier))
     return members
+
+
+def pinned_tiers(text: str, fleet, manifest) -> list[str]:
+    """`--device-tiers nano,small,...`: one device tier of the export per fleet member, in order."""
+    from hw_profiles.fleet import FleetError
+
+    names = [x.strip() for x in text.split(",")]
+    if len(names) != len(fleet):
+        raise FleetError(f"--device-tiers names {len(names)} tiers for a fleet of {len(fleet)} devices; "
+                         "give one per device, in fleet order (dev0 first)")
+    for index, name in enumerate(names):
+        if name not in manifest.training_tiers:
+            kind = "the serving-only tier" if name in manifest.tiers else "unknown tier"
+            raise FleetError(f"--device-tiers: dev{index} gets {kind} {name!r}; device tiers of the export: "
+                             f"{', '.join(manifest.training_tiers)}")
+    return names
 
 
 @dataclass(frozen=True)

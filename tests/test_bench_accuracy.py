@@ -203,6 +203,11 @@ def test_plan_gives_extra_seeds_only_to_seeded_methods_and_builds_commands():
     ref = bench.cell_command(bench.Cell("iid", "local", 1), args, bench.Path("r"))
     assert ref[1:4] == ["-m", "hw_profiles.references", "local"] and "--method" not in ref
     assert ref[ref.index("--partition") + 1] == "iid" and ref[ref.index("--seed") + 1] == "1"
+    assert "--device-tiers" not in run
+    pinned = bench.parse_options(["--methods", "fedit", "--device-tiers", "small,big"])
+    for cell in bench.plan_cells(pinned):  # every cell trains the same fleet
+        command = bench.cell_command(cell, pinned, bench.Path("r"))
+        assert command[command.index("--device-tiers") + 1] == "small,big"
 
 
 def _cell(partition, name, seed, final, **extra):

@@ -83,7 +83,7 @@ def test_html_carries_summary_and_embedded_png(full_run):
     assert f"{total_up:.2f} MB up / {total_down:.2f} MB down" in page
     assert "missed 1 (dev3)" in page and "oom 1 (dev0)" in page and "ok 14" in page
     assert "data:image/png;base64,iVBORw0KGgo" in page  # the PNG inlined, no external file needed
-    assert page.count("<tr>") == 9 + 1 + 4  # summary rows + per-round header + one row per round
+    assert page.count("<tr>") == 10 + 1 + 4  # summary rows + per-round header + one row per round
 
 
 def test_summary_lines_match_html(full_run):

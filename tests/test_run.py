@@ -61,6 +61,7 @@ def test_run_with_three_profiles(tiny_model_dir, tmp_path):
         assert (out / name).is_file(), name
     assert "test accuracy" in done.stdout.lower()
     assert "(recipe label-aware, label counts at epsilon 2)" in done.stdout  # the summary names the settings
+    assert "served model: tier big: 4 of 4 experts per layer, 2 layers" in done.stdout
 
     predicted = subprocess.run([sys.executable, "-m", "fftmoe.cli", "predict", "--model", str(out / "model" / "model.onnx"),
                                 "stock market shares bank profit", "election minister vote"],

@@ -15,7 +15,7 @@ from broker_server.methods import make_method
 from edge_runtime.doctor import check_artifacts
 from edge_runtime.manifest import ManifestError, load_manifest, verify_tier
 from export.cli import summary_table
-from hw_profiles.global_model import GlobalModel, largest_training_tier, serving_tier
+from hw_profiles.global_model import GlobalModel, describe_serving, largest_training_tier, serving_tier
 from tests.conftest import _export
 
 TIERS = """
@@ -58,6 +58,7 @@ def test_the_manifest_marks_the_serving_tier(serving_export):
     assert list(serving_export.training_tiers) == ["small"]
     assert "serve (serving only)" in summary_table(serving_export)
     assert serving_tier(serving_export) == "serve" and largest_training_tier(serving_export) == "small"
+    assert describe_serving(serving_export) == "tier serve (serving only): 4 of 4 experts per layer, 1 layer"
 
 
 def test_no_device_is_given_the_serving_tier(serving_export):
@@ -91,3 +92,20 @@ def test_the_served_model_holds_every_global_expert(serving_export):
 def test_lora_exports_leave_the_serving_tier_out(tiny_model_dir, tiers_file, tmp_path):
     manifest = _export(tiny_model_dir, tiers_file, tmp_path / "lora", method="lora")
     assert list(manifest.tiers) == ["small"]
+
+
+def test_device_tiers_pin_the_fleet(tiny_export, serving_export):
+    from hw_profiles.fleet import FleetError, parse_fleet
+    from hw_profiles.run import assign_tiers, build_parser
+
+    fleet = parse_fleet("pi4-4gb:2")
+    chosen = assign_tiers(fleet, tiny_export, build_parser().parse_args([]), host_gflops=100.0)
+    assert [tier for _, _, tier in chosen] == ["big", "big"]  # from memory and the round budget
+    pinned = assign_tiers(fleet, tiny_export, build_parser().parse_args(["--device-tiers", "small,big"]), 100.0)
+    assert [tier for _, _, tier in pinned] == ["small", "big"]
+    for text, export, words in (("small", tiny_export, "names 1 tiers for a fleet of 2 devices"),
+                                ("small,huge", tiny_export, "dev1 gets unknown tier 'huge'; device tiers of the "
+                                                            "export: small, big"),
+                                ("serve,small", serving_export, "dev0 gets the serving-only tier 'serve'")):
+        with pytest.raises(FleetError, match=words):
+            assign_tiers(fleet, export, build_parser().parse_args(["--device-tiers", text]), 100.0)
