@@ -305,6 +305,37 @@ def _check_settings(out: Path, settings: dict) -> None:
         atomic_write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
 
 
+def _fleet_tiers(args, out: Path) -> str | None:
+    """The tiers every cell's devices train: --device-tiers, else what the folder was made with, else (a new
+    folder) what `fftmoe run` would choose from the FFT-MoE export's measurements, pinned from then on.
+    Unpinned, each cell's export re-measures step times that vary by about 10% between exports, and
+    devices near a boundary change tier from cell to cell. Folders made before pinning stay unpinned."""
+    if args.device_tiers is not None:
+        return args.device_tiers
+    saved = out / "bench.json"
+    if saved.is_file():
+        try:
+            return json.loads(saved.read_text(encoding="utf-8")).get("device_tiers")
+        except (OSError, ValueError) as err:
+            raise BenchError(f"{saved} is unreadable ({err}); fix or delete it") from None
+    from edge_runtime.manifest import ManifestError, load_manifest
+    from hw_profiles.fleet import FleetError, parse_fleet
+    from hw_profiles.partition import PartitionError
+    from hw_profiles.profiles import ProfileError, calibrate_host_core_gflops
+    from hw_profiles.run import assign_tiers, export_cached, parse_args as run_args
+
+    common = cell_command(Cell("iid", "fft-moe", args.seeds[0]), args, out / "pinning")[4:]
+    options = run_args(common[:common.index("--out")])
+    try:
+        members = assign_tiers(parse_fleet(args.fleet), load_manifest(export_cached(options)), options,
+                               calibrate_host_core_gflops())
+    except (FleetError, ManifestError, PartitionError, ProfileError, RuntimeError) as err:  # RuntimeError: export
+        raise BenchError(f"choosing the device tiers: {err}") from None
+    tiers = ",".join(tier for _, _, tier in members)
+    _progress(f"device tiers, pinned for every cell: {tiers} (give --device-tiers to choose them)")
+    return tiers
+
+
 def _lock(out: Path):
     """An exclusive lock on OUT for this process's lifetime (the kernel drops it if we die)."""
     import fcntl
@@ -342,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lock = _lock(out)
             try:
+                settings["device_tiers"] = args.device_tiers = _fleet_tiers(args, out)
                 _check_settings(out, settings)
                 result = _run_grid(args, out, cells, settings)
             finally:

@@ -126,7 +126,7 @@ def export_cached(args) -> Path:
     cmd = [sys.executable, "-m", "fftmoe.cli", "export", "--model", args.model, "--out", str(folder),
            "--labels", ",".join(labels), "--seed", str(args.seed)] + (["--tiers", str(args.tiers)] if args.tiers else [])
     cmd += adapters
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, stdout=sys.stderr).returncode != 0:  # its table is progress: stdout stays the results
         raise RuntimeError("the export failed (see above)")
     return folder
 

@@ -89,6 +89,12 @@ def test_tiny_grid_writes_tables_and_resumes(tiny_bench):
         sum(d["test_accuracy"] for d in records[1]["devices"].values()) / 2)
     central = json.loads((out / "cells" / "iid" / "central" / "seed0" / "run" / "fleet.json").read_text())
     assert central["method"] == "central" and central["devices"][0]["device_id"] == "central"
+    pinned = json.loads((out / "bench.json").read_text())["device_tiers"]  # chosen once, for every cell
+    assert f"device tiers, pinned for every cell: {pinned}" in first.stderr
+    for partition in ("iid", "dir0.5"):
+        for name in ("fft-moe", "local"):
+            fleet = json.loads((out / "cells" / partition / name / "seed0" / "run" / "fleet.json").read_text())
+            assert ",".join(d["tier"] for d in fleet["devices"]) == pinned
 
     started = time.perf_counter()
     again = _bench(*argv)  # every cell finished: nothing runs
@@ -115,7 +121,11 @@ def test_tiny_grid_writes_tables_and_resumes(tiny_bench):
 def test_failing_cell_is_reported_with_its_log(tiny_bench, tmp_path):
     root, common = tiny_bench
     argv = _with(common, dataset=tmp_path / "missing.csv")
-    done = _bench(*argv, "--out", str(tmp_path / "grid"), "--methods", "local,central", "--partitions", "iid")
+    unpinned = _bench(*argv, "--out", str(tmp_path / "first"), "--methods", "local", "--partitions", "iid")
+    assert unpinned.returncode == 2 and unpinned.stderr.count("\n") == 1  # pinning the fleet needs the data
+    assert "error: choosing the device tiers:" in unpinned.stderr and "missing.csv" in unpinned.stderr
+    done = _bench(*argv, "--out", str(tmp_path / "grid"), "--methods", "local,central", "--partitions", "iid",
+                  "--device-tiers", "big,big")  # so each cell fails on its own
     assert done.returncode == 1, done.stderr
     log = tmp_path / "grid" / "cells" / "iid" / "local" / "seed0" / "log.txt"
     assert f"iid/local/seed0: FAILED (exit code 2; log: {log})" in done.stderr
