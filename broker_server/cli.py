@@ -14,6 +14,7 @@ import argparse
 import logging
 import signal
 import sys
+from pathlib import Path
 
 EXIT_CONFIG, EXIT_ARTIFACTS, EXIT_STATE = 2, 3, 5
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--close-timeout-s", type=float, help="seconds a worker has to send its partial sums")
     parser.add_argument("--worker", action="store_true", help="run as an aggregator worker of a coordinator")
     parser.add_argument("--worker-name", help="this worker's id (default host-pid)")
+    parser.add_argument("--model-out", metavar="DIR",
+                        help="when the rounds are done, write the served global model to DIR (model.onnx, "
+                             "tokenizer.json, labels.json: what `fftmoe predict` reads)")
+    parser.add_argument("--test-data", metavar="FILE",
+                        help="labelled held-out data (CSV / JSON Lines / Parquet, columns text and label): the "
+                             "global model's test accuracy after each round, in metrics.jsonl")
     parser.add_argument("--audit-log", action="store_true", default=None,
                         help="log every folded update under STATE/audit/ so the global model can be replayed")
     parser.add_argument("--log-level", default="INFO")
@@ -107,21 +114,56 @@ def main(argv: list[str] | None = None) -> int:
             server = CoordinatorServer(config, manifest, store, broker)
         else:
             server = AggregationServer(config, manifest, store, broker)
+        served = _served_model(config, manifest, server)
     except StateError as err:
         return _fail(str(err), EXIT_STATE)
     except (BrokerConfigError, EmbeddedBrokerError, ServerConfigError, ValueError) as err:
         if embedded is not None:
             embedded.stop()
         return _fail(str(err), EXIT_CONFIG)
+    except ArtifactIntegrityError as err:
+        if embedded is not None:
+            embedded.stop()
+        return _fail(str(err), EXIT_ARTIFACTS)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     try:
-        return server.run()
+        code = server.run()
+        if code == 0 and served is not None and config.model_out:
+            state = store.load()
+            if state is not None:
+                path = served.export(state.global_arrays, Path(config.model_out))
+                logging.getLogger("fftmoe.server").info("served model after %d rounds written to %s", state.round, path)
+        return code
     except StateError as err:
         return _fail(str(err), EXIT_STATE)
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _served_model(config, manifest, server):
+    """The GlobalModel `--model-out` and `--test-data` need, with `server.evaluate` set for the latter;
+    None without them. ServerConfigError for a missing package or unusable test data."""
+    if not (config.model_out or config.test_data):
+        return None
+    from broker_server.config import ServerConfigError
+    from edge_runtime.manifest import verify_files
+
+    try:
+        from broker_server.global_model import GlobalModel, serving_tier
+        from edge_runtime.local_data import LocalDataError
+    except ImportError as err:
+        raise ServerConfigError(f"--model-out and --test-data run the global model, which needs onnxruntime-training "
+                                f"and tokenizers ({err}); pip install 'fftmoe[edge]' on this host") from None
+    verify_files(manifest, list(manifest.tier(serving_tier(manifest)).files.values()))
+    try:
+        model = GlobalModel(manifest, Path(config.test_data) if config.test_data else None, server.method)
+    except LocalDataError as err:
+        raise ServerConfigError(f"--test-data: {err}") from None
+    if config.test_data:
+        server.evaluate = model.evaluate
+    return model
 
 
 def _external_broker(config):

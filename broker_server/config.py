@@ -88,6 +88,8 @@ class ServerConfig:
     close_timeout_s: float = 60.0  # a worker's partial sums must arrive within this after the close
     seed: int = 0
     recipe: str = "paper"  # RECIPES: named defaults under the other settings
+    model_out: str | None = None  # write the served global model here when the rounds are done (global_model.py)
+    test_data: str | None = None  # labelled CSV / JSON Lines / Parquet: the global model's accuracy after each round
     chunk_size: int = 256 * 1024
     max_update_bytes: int = 64 * 1024 * 1024
 

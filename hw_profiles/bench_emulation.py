@@ -51,7 +51,7 @@ def _progress(message: str) -> None:
 def resolve(args) -> tuple[Path, str]:
     """The export folder and tier to run; BenchError on a missing export or an unknown tier."""
     from edge_runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest
-    from hw_profiles.global_model import largest_training_tier
+    from broker_server.global_model import largest_training_tier
 
     if args.artifacts is None:
         from hw_profiles.run import build_parser as run_parser, export_cached

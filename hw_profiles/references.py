@@ -185,7 +185,7 @@ def _central_files(manifest, data, members, args, folder: Path) -> tuple[Path, P
 def centralised(args, fleet, out: Path) -> Path:
     """One client on the serving tier with all training data; returns the run folder."""
     from edge_runtime.trainer import LossInputs, TierTrainer, take_steps
-    from hw_profiles.global_model import serving_tier
+    from broker_server.global_model import serving_tier
 
     manifest, members, data = _setup(args, fleet, out, "central")
     tier_name = serving_tier(manifest)

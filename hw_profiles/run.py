@@ -201,7 +201,7 @@ def _run(args, fleet) -> int:
     from broker_server.state import StateStore
     from edge_runtime.manifest import load_manifest
     from edge_runtime.mqtt import BrokerConfig
-    from hw_profiles.global_model import GlobalModel, describe_serving
+    from broker_server.global_model import GlobalModel, describe_serving
     from hw_profiles.profiles import calibrate_host_core_gflops, profile_path
     from hw_profiles.report import summary_lines, write_report
 

@@ -15,7 +15,7 @@ from broker_server.methods import make_method
 from edge_runtime.doctor import check_artifacts
 from edge_runtime.manifest import ManifestError, load_manifest, verify_tier
 from export.cli import summary_table
-from hw_profiles.global_model import GlobalModel, describe_serving, largest_training_tier, serving_tier
+from broker_server.global_model import GlobalModel, describe_serving, largest_training_tier, serving_tier
 from tests.conftest import _export
 
 TIERS = """
