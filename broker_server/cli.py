@@ -119,12 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err), EXIT_STATE)
     except (BrokerConfigError, EmbeddedBrokerError, ServerConfigError, ValueError) as err:
         if embedded is not None:
-            embedded.stop()
-        return _fail(str(err), EXIT_CONFIG)
-    except ArtifactIntegrityError as err:
-        if embedded is not None:
-            embedded.stop()
-        return _fail(str(err), EXIT_ARTIFACTS)
+            embedded.stop()  # the serving tier's files are checked last, after the broker started
+        return _fail(str(err), EXIT_ARTIFACTS if isinstance(err, ArtifactIntegrityError) else EXIT_CONFIG)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stop())
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -69,3 +70,11 @@ def test_test_data_and_model_out_problems_are_named_before_anything_starts(tiny_
                            "--state-dir", str(state), "--port", "0", "--test-data", str(tmp_path / "missing.csv")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "--test-data:" in done.stderr and "missing.csv" in done.stderr, done.stderr
+    copy = tmp_path / "artifacts"
+    shutil.copytree(tiny_export.root, copy)
+    checkpoint = copy / "big" / "checkpoint"  # the serving tier's: the only tier --model-out needs
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-10])
+    done = subprocess.run([sys.executable, "-m", "fftmoe.cli", "serve", "--artifacts", str(copy), "--state-dir",
+                           str(state), "--port", "0", "--model-out", str(tmp_path / "model")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "big/checkpoint" in done.stderr, done.stderr
