@@ -71,6 +71,10 @@ class BrokerConfig:
 Message = tuple[str, bytes]
 
 
+def _network_thread_writes(client, userdata, sock) -> None:
+    """paho's external-event-loop hook, registered so that publishing threads never write (see above)."""
+
+
 class MqttConnection:
     """A self-healing MQTT client. Call `start()`, then `publish*`; `stop()` to end."""
 
@@ -103,6 +107,14 @@ class MqttConnection:
         client.max_inflight_messages_set(64)  # enough to stream an update's chunks without stalls
         client.max_queued_messages_set(0)  # unbounded: publish_chunks bounds what it queues
         client.enable_logger(logging.getLogger("paho"))  # DEBUG level: every packet, for --log-level DEBUG
+        # Only the network thread may write to the socket. paho 2.x writes a publish straight away from
+        # the calling thread unless it runs its own loop thread (loop_start), and we drive loop() from
+        # ours for jittered reconnects: two threads publishing at once then interleave partial writes
+        # of large packets, the broker delivers chunks holding another packet's bytes and drops the
+        # connection (tests/test_mqtt_concurrent_publish.py). With a socket-write callback registered,
+        # paho only queues the packet and wakes loop()'s select through its socket pair.
+        client.on_socket_register_write = _network_thread_writes
+        client.on_socket_unregister_write = _network_thread_writes
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
