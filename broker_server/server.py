@@ -186,9 +186,8 @@ class AggregationServer:
 
     def _register(self, hello: wire.Hello) -> None:
         if hello.tier not in self.manifest.training_tiers:
-            log.warning("device %s announced %s tier %r; ignored (device tiers: %s)", hello.device_id,
-                        "the serving-only" if hello.tier in self.manifest.tiers else "unknown", hello.tier,
-                        ", ".join(self.manifest.training_tiers))
+            log.warning("device %s announced %s; ignored (device tiers: %s)", hello.device_id,
+                        self.manifest.not_a_device_tier(hello.tier), ", ".join(self.manifest.training_tiers))
             return
         known = self.devices.get(hello.device_id)
         if known is None:

@@ -117,6 +117,10 @@ class Manifest:
         """The tiers devices train: every tier but a serving-only one."""
         return {name: t for name, t in self.tiers.items() if not t.serving_only}
 
+    def not_a_device_tier(self, name: str) -> str:
+        """How an error names a tier no device can train: "the serving-only tier 'x'" or "unknown tier 'x'"."""
+        return f"{'the serving-only' if name in self.tiers else 'unknown'} tier {name!r}"
+
     def tier(self, name: str) -> TierEntry:
         if name not in self.tiers:
             raise ManifestError(f"{self.root / MANIFEST_NAME}: no tier {name!r} (have: {', '.join(self.tiers)})")

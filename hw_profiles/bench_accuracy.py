@@ -290,34 +290,36 @@ def _same_setting(saved, asked) -> bool:
         return False
 
 
-def _check_settings(out: Path, settings: dict) -> None:
+def _saved_settings(out: Path) -> dict | None:
+    """The settings OUT's cells were run with (its bench.json), or None for a new folder."""
     path = out / "bench.json"
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise BenchError(f"{path} is unreadable ({err}); fix or delete it") from None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BenchError(f"{path} is unreadable ({err}); fix or delete it") from None
+
+
+def _check_settings(out: Path, settings: dict, saved: dict | None) -> None:
+    if saved is not None:
         diff = [f"{k} {saved.get(k)!r} here vs {settings[k]!r} asked" for k in SETTINGS
                 if not _same_setting(saved.get(k), settings[k])]
         if diff:
             raise BenchError(f"{out} holds cells run with other settings ({'; '.join(diff)}); use another --out")
     else:
-        atomic_write_bytes(path, (json.dumps(settings, indent=1) + "\n").encode())
+        atomic_write_bytes(out / "bench.json", (json.dumps(settings, indent=1) + "\n").encode())
 
 
-def _fleet_tiers(args, out: Path) -> str | None:
+def _fleet_tiers(args, out: Path, saved: dict | None) -> str | None:
     """The tiers every cell's devices train: --device-tiers, else what the folder was made with, else (a new
     folder) what `fftmoe run` would choose from the FFT-MoE export's measurements, pinned from then on.
     Unpinned, each cell's export re-measures step times that vary by about 10% between exports, and
     devices near a boundary change tier from cell to cell. Folders made before pinning stay unpinned."""
     if args.device_tiers is not None:
         return args.device_tiers
-    saved = out / "bench.json"
-    if saved.is_file():
-        try:
-            return json.loads(saved.read_text(encoding="utf-8")).get("device_tiers")
-        except (OSError, ValueError) as err:
-            raise BenchError(f"{saved} is unreadable ({err}); fix or delete it") from None
+    if saved is not None:
+        return saved.get("device_tiers")
     from edge_runtime.manifest import ManifestError, load_manifest
     from hw_profiles.fleet import FleetError, parse_fleet
     from hw_profiles.partition import PartitionError
@@ -367,14 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.only_report:
             if not out.is_dir():
                 raise BenchError(f"no bench folder at {out}")
-            saved = out / "bench.json"
-            settings = json.loads(saved.read_text(encoding="utf-8")) if saved.is_file() else settings
+            settings = _saved_settings(out) or settings
             result = write_outputs(out, settings, cells)
         else:
             lock = _lock(out)
             try:
-                settings["device_tiers"] = args.device_tiers = _fleet_tiers(args, out)
-                _check_settings(out, settings)
+                saved = _saved_settings(out)
+                settings["device_tiers"] = args.device_tiers = _fleet_tiers(args, out, saved)
+                _check_settings(out, settings, saved)
                 result = _run_grid(args, out, cells, settings)
             finally:
                 lock.close()

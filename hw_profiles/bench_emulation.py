@@ -66,8 +66,8 @@ def resolve(args) -> tuple[Path, str]:
     if args.tier is None:  # the most adapter weights: the heaviest step
         return args.artifacts, largest_training_tier(manifest)
     if args.tier not in manifest.training_tiers:
-        kind = "serving-only tier" if args.tier in manifest.tiers else "unknown tier"
-        raise BenchError(f"{kind} {args.tier!r} in {args.artifacts} (device tiers: {', '.join(manifest.training_tiers)})")
+        raise BenchError(f"{manifest.not_a_device_tier(args.tier)} in {args.artifacts} "
+                         f"(device tiers: {', '.join(manifest.training_tiers)})")
     return args.artifacts, args.tier
 
 

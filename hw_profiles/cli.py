@@ -36,7 +36,8 @@ def build_parser(show: bool) -> argparse.ArgumentParser:
     parser.add_argument("--round-budget", type=float, metavar="S", help="also require --local-steps emulated "
                         "training steps to fit in S seconds")
     parser.add_argument("--local-steps", type=int, default=20, help="local steps per round (default 20)")
-    parser.add_argument("--safety", type=float, default=0.8, help="share of usable RAM a tier may take (default 0.8)")
+    parser.add_argument("--safety", type=float, default=hp.MEMORY_SAFETY,
+                        help=f"share of usable RAM a tier may take (default {hp.MEMORY_SAFETY:g})")
     parser.add_argument("--threads", type=int, help="training threads on the device (default: all its cores)")
     parser.add_argument("--host-core-gflops", type=float, metavar="X", help="this host's core speed; skips calibration")
     parser.add_argument("--recalibrate", action="store_true", help="measure this host again instead of the cache")

@@ -150,8 +150,11 @@ def emulated_step_seconds(profile: Profile, tier: TierEntry, host_core_gflops: f
                           min(profile.cpu_cores, threads or profile.cpu_cores))
 
 
+MEMORY_SAFETY = 0.8  # share of a device's usable RAM a tier's measured peak may take
+
+
 def tier_for(profile: Profile, manifest: Manifest, round_budget_s: float | None = None, local_steps: int = 20,
-             safety: float = 0.8, host_core_gflops: float | None = None,
+             safety: float = MEMORY_SAFETY, host_core_gflops: float | None = None,
              threads: int | None = None) -> tuple[str | None, list[str]]:
     """The largest tier (most trainable parameters) whose measured peak RSS fits in
     (ram_mb - os_reserved_mb) x safety and, with a round budget, whose `local_steps` emulated steps fit in it.

@@ -303,7 +303,7 @@ def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
     its memory and round budget allow; a device no tier fits still gets one (the smallest that fits its
     memory, else the smallest) and is announced as the straggler or the likely out-of-memory kill, as on
     the real board."""
-    from hw_profiles.profiles import load_profile, tier_for
+    from hw_profiles.profiles import MEMORY_SAFETY, load_profile, tier_for
 
     pinned = pinned_tiers(args.device_tiers, fleet, manifest) if args.device_tiers else None
     members = []
@@ -312,7 +312,7 @@ def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
         if pinned:
             tier = pinned[index]
             rss = manifest.tier(tier).measured.get("peak_rss_mb", 0.0)
-            if rss > profile.usable_ram_mb * 0.8:
+            if rss > profile.usable_ram_mb * MEMORY_SAFETY:
                 _step(f"{m.device_id} ({m.profile}): --device-tiers gives it {tier}, whose {rss:.0f} MB peak does not "
                       f"fit its {profile.usable_ram_mb:.0f} MB of usable memory; it will most likely be killed")
             members.append((m, profile, tier))
@@ -321,7 +321,7 @@ def assign_tiers(fleet, manifest, args, host_gflops: float) -> list[tuple]:
                                  local_steps=args.local_steps)
         if tier is None:
             by_size = sorted(manifest.training_tiers.values(), key=lambda t: t.trainable_params)
-            fitting = [t for t in by_size if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * 0.8]
+            fitting = [t for t in by_size if t.measured["peak_rss_mb"] <= profile.usable_ram_mb * MEMORY_SAFETY]
             tier = (fitting or by_size)[0].name
             if fitting:  # too slow for the budget in every tier: the smallest that fits, as the straggler
                 _step(f"{m.device_id} ({m.profile}) is too slow for a {args.round_budget_s:.0f} s round in any tier; "
@@ -343,9 +343,8 @@ def pinned_tiers(text: str, fleet, manifest) -> list[str]:
                          "give one per device, in fleet order (dev0 first)")
     for index, name in enumerate(names):
         if name not in manifest.training_tiers:
-            kind = "the serving-only tier" if name in manifest.tiers else "unknown tier"
-            raise FleetError(f"--device-tiers: dev{index} gets {kind} {name!r}; device tiers of the export: "
-                             f"{', '.join(manifest.training_tiers)}")
+            raise FleetError(f"--device-tiers: dev{index} gets {manifest.not_a_device_tier(name)}; device tiers of "
+                             f"the export: {', '.join(manifest.training_tiers)}")
     return names
 
 

@@ -187,15 +187,16 @@ def test_a_tiers_file_named_differently_is_the_same_setting_only_with_the_same_c
     settings = {key: None for key in bench.SETTINGS} | {"rounds": 2, "tiers": str(tmp_path / "a" / "tiers.toml")}
     out = tmp_path / "grid"
     out.mkdir()
-    bench._check_settings(out, settings)  # the first run writes them
+    bench._check_settings(out, settings, bench._saved_settings(out))  # the first run writes them
     monkeypatch.chdir(tmp_path)
-    bench._check_settings(out, settings | {"tiers": "a/tiers.toml"})  # relative here, absolute there
-    bench._check_settings(out, settings | {"tiers": "b/tiers.toml"})
+    # relative here, absolute there
+    bench._check_settings(out, settings | {"tiers": "a/tiers.toml"}, bench._saved_settings(out))
+    bench._check_settings(out, settings | {"tiers": "b/tiers.toml"}, bench._saved_settings(out))
     (tmp_path / "b" / "tiers.toml").write_text("[tiers.nano]\nexperts = 4\n")
     with pytest.raises(bench.BenchError, match="other settings .*tiers"):
-        bench._check_settings(out, settings | {"tiers": "b/tiers.toml"})
+        bench._check_settings(out, settings | {"tiers": "b/tiers.toml"}, bench._saved_settings(out))
     with pytest.raises(bench.BenchError, match="rounds 2 here vs 3 asked"):
-        bench._check_settings(out, settings | {"rounds": 3})
+        bench._check_settings(out, settings | {"rounds": 3}, bench._saved_settings(out))
 
 
 def test_plan_gives_extra_seeds_only_to_seeded_methods_and_builds_commands():

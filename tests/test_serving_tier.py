@@ -17,20 +17,9 @@ from edge_runtime.manifest import ManifestError, load_manifest, verify_tier
 from export.cli import summary_table
 from broker_server.global_model import GlobalModel, describe_serving, largest_training_tier, serving_tier
 from tests.conftest import _export
+from tests.tiny_model import TINY_TIERS
 
-TIERS = """
-[global]
-experts = 4
-rank = 8
-
-[tiers.small]
-experts_held = 2
-top_k = 1
-adapted_layers = 1
-seq_len = 16
-batch_size = 4
-lora_rank = 2
-
+TIERS = TINY_TIERS[:TINY_TIERS.index("[tiers.big]")] + """
 [tiers.serve]
 serving_only = true
 experts_held = 4
