@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -26,6 +27,7 @@ class FakeDevice:
         self.federation, self.device_id, self.tier, self.samples = federation, device_id, tier, samples
         self.delay_s, self.ignore_tasks = delay_s, ignore_tasks
         self.tasks_seen = 0
+        self._lost: tuple[int, float] | None = None  # (round, until when) of the task it lost last
         self._inbox: queue.Queue = queue.Queue()
         self._reassembler = wire.Reassembler()
         self._stop = threading.Event()
@@ -74,8 +76,11 @@ class FakeDevice:
             if task == "hello":
                 self._hello()
                 continue
+            if self._lost is not None and task.round == self._lost[0] and time.monotonic() < self._lost[1]:
+                continue  # the server re-sent the task it lost (it re-sends on every Hello): lost as well
             self.tasks_seen += 1
             if self.tasks_seen <= self.ignore_tasks:
+                self._lost = (task.round, time.monotonic() + task.deadline_s / 2)  # the next attempt comes later
                 continue
             if self._stop.wait(self.delay_s):
                 return
